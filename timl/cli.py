@@ -1,0 +1,28 @@
+"""The `timl` command: one subcommand per entry point, each also runnable as `python -m timl.<name>`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Subcommand -> module whose main(argv) runs it. Modules are imported only when asked for, so `timl --help` is quick.
+SUBCOMMANDS = {
+    "tokenize": ("timl.tokenize", "turn a text dataset into token shards"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        lines = [f"  {name:<10} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+        print("usage: timl SUBCOMMAND [--help] [ARGS...]\n\nsubcommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ntiml: unknown subcommand {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
