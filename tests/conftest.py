@@ -25,3 +25,23 @@ def write_token_shards(directory: Path, lengths: list[int], dtype: str = "uint16
 @pytest.fixture
 def token_shards(tmp_path):
     return lambda lengths, **kwargs: write_token_shards(tmp_path, lengths, **kwargs)
+
+
+# Dropout off, so that runs differing only in how the batch is split (processes, accumulation) must agree.
+TINY_GPT2 = "n_layer=2,n_embd=32,n_head=2,vocab_size=64,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
+
+
+def write_learnable_shards(directory: Path, num_tokens: int, prefix: str, seed: int = 0) -> np.ndarray:
+    """A stream a tiny model can learn: runs of a fixed cycle through 16 of 64 ids, restarting at random places."""
+    cycle = np.random.default_rng(1234).permutation(64)[:16]  # the same "language" for every split
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, 16, size=num_tokens // 32 + 1)
+    stream = np.concatenate([np.roll(cycle, -start)[np.arange(32) % 16] for start in starts])[:num_tokens]
+    write_shard(directory / f"{prefix}_000000.bin", stream.astype(np.uint16))
+    return stream
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,28 @@
+"""Every recipe runs, under every launcher the README names, with tiny settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_makes_its_shards_and_trains_under_accelerate_launch_with_the_cpu_config(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "recipes" / "quickstart.py"),
+               "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3",
+               "--eval_every_steps", "2", "--log_every_steps", "1", "--max_eval_tokens", "2048"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.bin")) == ["train_000000.bin", "validation_000000.bin"]
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 3]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
+    assert "Quickstart done" in result.stdout
+    assert (tmp_path / "run" / "main" / "model.safetensors").exists()

@@ -1,0 +1,212 @@
+"""The Trainer on the CPU: learning, exact eval loss, hooks, DDP over gloo, the original command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_GPT2, read_metrics, write_learnable_shards
+from timl.arguments import TrainingArguments, parse_args
+from timl.metrics import Accuracy, Perplexity
+from timl.recipe import ModelArguments, pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_learnable_shards(tmp_path, 8192, "train", seed=0)
+    eval_stream = write_learnable_shards(tmp_path, 640, "validation", seed=1)
+    return tmp_path, eval_stream
+
+
+def tiny_args(data_dir: Path, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(data_dir / "run"), train_file_pattern=str(data_dir / "train_*.bin"),
+        eval_file_pattern=str(data_dir / "validation_*.bin"), block_size=16, train_batch_size=8,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, warmup_steps=2,
+        max_train_steps=40, log_every_steps=5, eval_every_steps=20, save_every_steps=0, report_to="none",
+        optim="adamw_torch",
+    )
+    return TrainingArguments(**{**values, **overrides})
+
+
+def test_tiny_gpt2_learns_and_logs_every_field(data):
+    data_dir, _ = data
+    args = tiny_args(data_dir)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), args)
+    records = read_metrics(data_dir / "run")
+    evals = [r for r in records if "eval_loss" in r]
+    trains = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert [r["step"] for r in trains] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert evals[0]["eval_loss"] == pytest.approx(np.log(64), rel=0.1)  # about ln(vocab) at initialisation
+    assert evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"]
+    assert trains[-1]["train_loss"] < trains[0]["train_loss"]
+    for key in ("lr", "grad_norm", "tokens", "tokens_per_second", "step_seconds"):
+        assert key in trains[-1]
+    assert trains[-1]["tokens"] == 40 * 8 * 16
+    assert (data_dir / "run" / "step40" / "model.safetensors").exists()
+    assert (data_dir / "run" / "main" / "config.json").exists()
+
+
+def test_logged_eval_loss_equals_an_independent_cross_entropy_of_the_saved_model(data):
+    data_dir, eval_stream = data
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=6))
+    logged = [r for r in read_metrics(data_dir / "run") if "eval_loss" in r][-1]
+    assert logged["step"] == 6
+
+    model = AutoModelForCausalLM.from_pretrained(data_dir / "run" / "main").eval()
+    tokens = torch.tensor(eval_stream.astype(np.int64))
+    assert len(tokens) % 64 == 0  # whole eval batches, so every token is evaluated
+    inputs = tokens.view(-1, 16)
+    targets = torch.cat([tokens[1:], torch.tensor([-100])]).view(-1, 16)
+    with torch.no_grad():
+        logits = model(input_ids=inputs).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert logged["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_custom_loss_and_metrics_are_called_at_train_and_eval(data):
+    data_dir, _ = data
+    calls = {"loss": 0}
+
+    def mean_loss(outputs, inputs):
+        calls["loss"] += 1
+        return F.cross_entropy(outputs.logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=-100)
+
+    train_accuracy, eval_accuracy = Accuracy(), Accuracy()
+    args = tiny_args(data_dir, max_train_steps=4, log_every_steps=2, eval_every_steps=2, train_batch_size=8,
+                     per_device_train_batch_size=2)
+    latest = pretrain(ModelArguments(config_overrides=TINY_GPT2), args, compute_loss_func=mean_loss,
+                      train_metrics=[train_accuracy, Perplexity()], eval_metrics=[eval_accuracy, Perplexity()])
+    assert calls["loss"] == 4 * 4  # four steps of four micro-batches
+    records = read_metrics(data_dir / "run")
+    assert all(0 <= r["train_accuracy"] <= 1 and r["train_perplexity"] > 1 for r in records if "train_loss" in r)
+    assert all(0 <= r["eval_accuracy"] <= 1 for r in records if "eval_loss" in r)
+    assert latest["eval_perplexity"] == pytest.approx(np.exp(latest["eval_loss"]), rel=1e-6)
+
+
+def test_a_micro_batch_mean_loss_weighs_in_by_its_tokens(data):
+    """The same data and seed give the same losses with the default loss and with a two-argument mean loss."""
+    data_dir, _ = data
+
+    def mean_loss(outputs, inputs):
+        return F.cross_entropy(outputs.logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=-100)
+
+    first = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=3,
+                                                                           log_every_steps=1))
+    second = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=3,
+                      log_every_steps=1, output_dir=str(data_dir / "run2")), compute_loss_func=mean_loss)
+    assert first["train_loss"] == pytest.approx(second["train_loss"], rel=1e-5)
+
+
+def run_recipe(argv: list[str], env_extra: dict[str, str] | None = None, torchrun: bool = False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+        else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "recipes" / "gpt2_c4.py"), *argv], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def recipe_argv(data_dir: Path, output_dir: Path, per_device: int) -> list[str]:
+    return ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(output_dir),
+            "--train_file_pattern", str(data_dir / "train_*.bin"), "--eval_file_pattern",
+            str(data_dir / "validation_*.bin"), "--block_size", "16", "--train_batch_size", "8",
+            "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "4",
+            "--max_train_steps", "6", "--log_every_steps", "1", "--eval_every_steps", "3", "--save_every_steps", "0",
+            "--report_to", "none", "--optim", "adamw_torch", "--learning_rate", "3e-3"]
+
+
+def test_two_processes_over_gloo_match_one_process_with_twice_the_accumulation(data):
+    data_dir, _ = data
+    single = run_recipe(recipe_argv(data_dir, data_dir / "one", per_device=2))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_recipe(recipe_argv(data_dir, data_dir / "two", per_device=2), {"ACCELERATE_USE_CPU": "true"},
+                        torchrun=True)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = read_metrics(data_dir / "one"), read_metrics(data_dir / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("train_loss", "eval_loss", "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+ORIGINAL_COMMAND = (
+    "--model_name gpt2 --output_dir {out} --train_file_pattern {data}/train_*.bin "
+    "--eval_file_pattern {data}/validation_*.bin --max_eval_tokens 10485760 --block_size 1024 --train_batch_size 512 "
+    "--per_device_train_batch_size 32 --per_device_eval_batch_size 64 --learning_rate 6e-4 --weight_decay 0.1 "
+    "--adam_beta1 0.8 --adam_beta2 0.95 --adam_epsilon 1e-8 --max_grad_norm 1.0 --optim adamw_torch_fused "
+    "--lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs {{\"min_lr\":0.00001}} --warmup_ratio 0.01 "
+    "--log_every_steps 1 --save_every_steps 1000 --eval_every_steps 100 --wandb_project timl --wandb_run_name "
+    "gpt2_c4 --push_to_hub true --hub_model_id tim-lawson/gpt2_c4_example --debug true"
+)
+
+
+def test_the_original_command_line_runs_offline_in_debug_mode(tmp_path):
+    rng = np.random.default_rng(0)
+    from timl.shards import write_shard
+
+    write_shard(tmp_path / "train_000000.bin", rng.integers(0, 256, 600_000).astype(np.uint16))
+    write_shard(tmp_path / "validation_000000.bin", rng.integers(0, 256, 70_000).astype(np.uint16))
+    argv = ORIGINAL_COMMAND.format(out=tmp_path / "out", data=tmp_path).split()
+    argv += ["--config_overrides", "n_layer=1,n_embd=8,n_head=1,vocab_size=256"]
+    result = run_recipe(argv, {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path / "out")
+    assert [r["step"] for r in records if "train_loss" in r] == [1]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 1]
+    assert (tmp_path / "out" / "main" / "model.safetensors").exists()
+
+
+def test_arguments_load_from_yaml(tmp_path):
+    path = tmp_path / "args.yaml"
+    path.write_text("model_name: gpt2\nconfig_overrides: n_layer=2\nblock_size: 128\ntrain_batch_size: 64\n"
+                    "per_device_train_batch_size: 8\nlr_scheduler_type: warmup_stable_decay\n"
+                    "lr_scheduler_kwargs:\n  num_decay_steps: 10\nreport_to: none\n")
+    model_args, args = parse_args(ModelArguments, TrainingArguments, argv=[str(path)])
+    assert model_args.config_overrides == "n_layer=2"
+    assert args.block_size == 128 and args.gradient_accumulation_steps == 8
+    assert args.lr_scheduler_kwargs == {"num_decay_steps": 10}
+
+
+def test_bad_arguments_are_all_reported_at_once(tmp_path):
+    with pytest.raises(ValueError) as error:
+        TrainingArguments(train_file_pattern=str(tmp_path / "missing_*.bin"), train_batch_size=10,
+                          per_device_train_batch_size=4, max_train_steps=5, max_train_tokens=100,
+                          lr_scheduler_type="bogus", lr_scheduler_kwargs="{not json", report_to="nonsense",
+                          push_to_hub=True)
+    message = str(error.value)
+    for expected in ("--train_file_pattern: No file matches", "--train_batch_size 10 is not a multiple",
+                     "--max_train_steps and --max_train_tokens contradict", "--lr_scheduler_type 'bogus'",
+                     "--lr_scheduler_kwargs is not valid JSON", "unknown trackers: nonsense",
+                     "--push_to_hub needs --hub_model_id"):
+        assert expected in message
+
+
+def test_block_size_beyond_the_model_fails_before_training(data):
+    data_dir, _ = data
+    with pytest.raises(ValueError, match="--block_size 128 exceeds the model's 64 positions"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, block_size=128))
+
+
+def test_without_a_wandb_login_wandb_runs_offline_and_says_so(data, monkeypatch, caplog):
+    data_dir, _ = data
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(data_dir))  # no ~/.netrc, so no login
+    args = tiny_args(data_dir, max_train_steps=2, report_to="wandb", wandb_run_name="offline-test")
+    with caplog.at_level("WARNING"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args)
+    assert sum("W&B runs offline" in record.message for record in caplog.records) == 1
+    runs = list((data_dir / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -1,0 +1,203 @@
+"""Training arguments: a dataclass parsed by transformers' HfArgumentParser, from the command line, YAML or JSON.
+
+Names follow `transformers.TrainingArguments` where the meaning is the same, and keep every argument of the original
+timl. Every problem is reported at once, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from accelerate.utils import LoggerType
+from transformers import HfArgumentParser
+from transformers.trainer_utils import SchedulerType
+
+from timl.shards import ShardError, list_shards
+
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+SECRET_FIELDS = ("hub_token",)
+JSON_FIELDS = ("lr_scheduler_kwargs", "forward_kwargs", "liger_kernel_kwargs", "cut_cross_entropy_kwargs")
+
+
+def _arg(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainingArguments:
+    """Everything a pre-training run needs, besides the model and the data."""
+
+    output_dir: str = _arg("runs/timl", "Where checkpoints (step{N}/, main/) and metrics.jsonl go.")
+
+    train_file_pattern: str | None = _arg(None, "Glob of training token shards, e.g. 'data/gpt2_c4/train_*.bin'.")
+    eval_file_pattern: str | None = _arg(None, "Glob of evaluation token shards. Without it, no evaluation runs.")
+    max_train_tokens: int | None = _arg(None, "Train on this many tokens (rounded down to whole steps). Default: all.")
+    max_train_steps: int | None = _arg(None, "Train for this many optimizer steps. Excludes --max_train_tokens.")
+    max_eval_tokens: int | None = _arg(None, "Evaluate on the first this many tokens. Default: the whole eval set.")
+    max_eval_steps: int | None = _arg(None, "Evaluate on the first this many batches. Excludes --max_eval_tokens.")
+
+    block_size: int = _arg(1024, "Tokens per sequence.")
+    train_batch_size: int = _arg(512, "Global batch, in sequences, per optimizer step, over all processes.")
+    per_device_train_batch_size: int = _arg(32, "Sequences per process per forward pass; the rest is accumulated.")
+    per_device_eval_batch_size: int = _arg(64, "Sequences per process per evaluation forward pass.")
+
+    learning_rate: float = _arg(6e-4, "Peak learning rate.")
+    weight_decay: float = _arg(0.1, "AdamW weight decay; never applied to biases and norm weights.")
+    adam_beta1: float = _arg(0.9, "AdamW beta1.")
+    adam_beta2: float = _arg(0.95, "AdamW beta2.")
+    adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _arg(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+    optim: str = _arg("adamw_torch_fused", f"Optimizer: one of {', '.join(SUPPORTED_OPTIMIZERS)}.")
+
+    lr_scheduler_type: str = _arg("cosine", "Any transformers scheduler: " + ", ".join(s.value for s in SchedulerType))
+    lr_scheduler_kwargs: dict[str, Any] | str | None = _arg(
+        None, 'JSON of extra scheduler arguments, e.g. \'{"min_lr": 1e-5}\' for cosine_with_min_lr.'
+    )
+    warmup_ratio: float = _arg(0.0, "Warm up over this fraction of the steps. Excludes --warmup_steps.")
+    warmup_steps: int = _arg(0, "Warm up over this many steps. Excludes --warmup_ratio.")
+
+    log_every_steps: int = _arg(10, "Log train metrics every this many steps.")
+    save_every_steps: int = _arg(1000, "Save a checkpoint every this many steps; 0 saves only at the end.")
+    eval_every_steps: int = _arg(100, "Evaluate every this many steps (and at step 0); 0 evaluates only at the end.")
+
+    seed: int = _arg(0, "Seed for Python, NumPy and torch.")
+    full_determinism: bool = _arg(False, "Deterministic algorithms everywhere (slower); see transformers' docs.")
+    bf16: bool = _arg(True, "bf16 autocast on GPUs. Ignored on the CPU, which trains in fp32.")
+    torch_compile: bool = _arg(False, "Compile the model's forward together with the loss.")
+
+    report_to: str = _arg("wandb", "Comma-separated Accelerate trackers (" + ", ".join(t.value for t in LoggerType) + ") or 'none'. Without a W&B login, W&B runs offline.")
+    wandb_project: str | None = _arg("timl", "W&B project.")
+    wandb_run_name: str | None = _arg(None, "W&B run name. Default: W&B's own.")
+
+    push_to_hub: bool = _arg(False, "Upload each checkpoint to the Hub as a revision (step1000, ...) and main.")
+    hub_model_id: str | None = _arg(None, "Hub repo to upload to, e.g. 'user/gpt2_c4'. Needed with --push_to_hub.")
+    hub_token: str | None = _arg(None, "Hub token. Default: the environment's or the cached login. Never written out.")
+    hub_private: bool | None = _arg(None, "Create the Hub repo private.")
+
+    forward_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of extra keyword arguments for model.forward.")
+    use_liger_kernel: bool = _arg(False, "Use Liger's kernels where they fit the model.")
+    liger_kernel_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of arguments for Liger's patching.")
+    use_cut_cross_entropy: bool = _arg(False, "Use Cut Cross-Entropy's fused linear cross-entropy loss.")
+    cut_cross_entropy_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of arguments for Cut Cross-Entropy.")
+
+    resume_from_checkpoint: str | None = _arg(None, "A checkpoint folder, or 'latest', to continue from.")
+    debug: bool = _arg(False, "One train step and one eval batch, evaluating, logging and saving every step, "
+                              "reporting to no tracker and uploading nothing.")
+
+    def __post_init__(self) -> None:
+        problems = self._parse_json_fields()
+        if self.debug:
+            # As in the original timl: a smoke run of the whole loop, which touches nothing remote.
+            self.max_train_steps, self.max_train_tokens = 1, None
+            self.max_eval_steps, self.max_eval_tokens = 1, None
+            self.log_every_steps = self.save_every_steps = self.eval_every_steps = 1
+            self.push_to_hub, self.report_to = False, "none"
+        problems += self._check_values() + self._check_files()
+        if problems:
+            raise ValueError("Invalid training arguments:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def _parse_json_fields(self) -> list[str]:
+        problems = []
+        for name in JSON_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as error:
+                    problems.append(f"--{name} is not valid JSON ({error}): {value!r}")
+                    continue
+            if value is not None and not isinstance(value, dict):
+                problems.append(f"--{name} must be a JSON object, got {value!r}")
+                continue
+            setattr(self, name, value or {})
+        return problems
+
+    def _check_values(self) -> list[str]:
+        problems = []
+        for name in ("block_size", "train_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_train_tokens", "max_train_steps", "max_eval_tokens", "max_eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("log_every_steps", "save_every_steps", "eval_every_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        for first, second in (("max_train_steps", "max_train_tokens"), ("max_eval_steps", "max_eval_tokens")):
+            if getattr(self, first) is not None and getattr(self, second) is not None:
+                problems.append(f"--{first} and --{second} contradict each other: give one of them")
+        if self.warmup_steps and self.warmup_ratio:
+            problems.append("--warmup_steps and --warmup_ratio contradict each other: give one of them")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        per_step = self.per_device_train_batch_size * self.world_size
+        if self.train_batch_size >= 1 and per_step >= 1 and self.train_batch_size % per_step:
+            problems.append(
+                f"--train_batch_size {self.train_batch_size} is not a multiple of --per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} × {self.world_size} processes = {per_step}, so gradient "
+                f"accumulation steps would not be whole"
+            )
+        if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
+            problems.append(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not a transformers scheduler")
+        if self.optim not in SUPPORTED_OPTIMIZERS:
+            problems.append(f"--optim {self.optim!r} is not supported; use one of {', '.join(SUPPORTED_OPTIMIZERS)}")
+        unknown = set(self.trackers) - {t.value for t in LoggerType}
+        if unknown:
+            problems.append(f"--report_to names unknown trackers: {', '.join(sorted(unknown))}")
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("--push_to_hub needs --hub_model_id")
+        return problems
+
+    def _check_files(self) -> list[str]:
+        problems = []
+        for name in ("train_file_pattern", "eval_file_pattern"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    list_shards(pattern)
+                except (ShardError, OSError) as error:
+                    problems.append(f"--{name}: {error}")
+        return problems
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes, as the launcher (torchrun, accelerate launch) announces it."""
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.train_batch_size // (self.per_device_train_batch_size * self.world_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train_batch_size * self.block_size
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """The arguments with secrets removed, fit for logs, trackers and checkpoints."""
+        values = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            if values.get(name):
+                values[name] = "<redacted>"
+        return values
+
+
+
+def parse_args(*dataclass_types: type, argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parses the command line into the given dataclasses; a single .yaml, .yml or .json argument is read as a file."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)

@@ -1,0 +1,282 @@
+"""The Trainer: an Accelerate training loop for causal language models on token shards.
+
+Accelerate does DDP, bf16 autocast and the trackers; timl does the rest: the loss on already-shifted labels, exact
+token-weighted means under gradient accumulation and DDP, evaluation, metrics, throughput and saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers.trainer_utils import enable_full_determinism, set_seed
+
+from timl.arguments import TrainingArguments
+from timl.checkpoint import copy_checkpoint, save_model
+from timl.loader import BatchLoader, ShardLoader
+from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
+from timl.metrics import CrossEntropy, Metric, report
+from timl.optim import create_optimizer, create_scheduler
+from timl.provenance import provenance
+from timl.run_log import RunLog
+from timl.throughput import flops_per_token, peak_flops
+
+logger = logging.getLogger(__name__)
+
+LoaderFactory = Callable[[TrainingArguments, Accelerator], BatchLoader]
+"""Builds a loader for this process. The eval factory is called before every evaluation and must start afresh."""
+
+
+def shard_loader(args: TrainingArguments, accelerator: Accelerator, *, split: str, vocab_size: int | None) -> ShardLoader:
+    """The default loader factory: timl's ShardLoader over --train_file_pattern or --eval_file_pattern."""
+    train = split == "train"
+    pattern = args.train_file_pattern if train else args.eval_file_pattern
+    if pattern is None:
+        raise ValueError(f"--{split}_file_pattern is needed to load {split} data (or pass a {split}_loader_factory).")
+    return ShardLoader(
+        pattern,
+        block_size=args.block_size,
+        per_device_batch_size=args.per_device_train_batch_size if train else args.per_device_eval_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        device=accelerator.device,
+        max_tokens=args.max_train_tokens if train else args.max_eval_tokens,
+        vocab_size=vocab_size,
+    )
+
+
+class Trainer:
+    """Pre-trains `model` as `args` says.
+
+    Args:
+        model: a causal LM whose forward takes `input_ids` and returns `.logits` (any Hugging Face one).
+        args: the training arguments.
+        train_loader_factory, eval_loader_factory: build the loaders; default: shard loaders over the file patterns.
+        compute_loss_func: `(outputs, inputs, num_items_in_batch)` returning the micro-batch's summed loss divided
+            by num_items_in_batch (the labelled tokens of the whole global batch), or `(outputs, inputs)` returning
+            a micro-batch mean; both give the exact global mean. Default: next-token cross-entropy.
+        train_metrics, eval_metrics: `timl.metrics.Metric` objects, reported as train_* and eval_*. The eval loss
+            is always computed.
+        optimizers: an optimizer and a scheduler to use instead of AdamW and --lr_scheduler_type.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments,
+        *,
+        train_loader_factory: LoaderFactory | None = None,
+        eval_loader_factory: LoaderFactory | None = None,
+        compute_loss_func: LossFunction | None = None,
+        train_metrics: Sequence[Metric] = (),
+        eval_metrics: Sequence[Metric] = (),
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+    ):
+        self.args = args
+        self.accelerator = Accelerator(
+            mixed_precision="bf16" if args.bf16 and torch.cuda.is_available() else "no",
+            log_with=args.trackers or None,
+            project_dir=args.output_dir,
+        )
+        if self.accelerator.num_processes != args.world_size:
+            raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
+                               f"{args.world_size}; launch with torchrun or accelerate launch.")
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.train_loader_factory = train_loader_factory or functools.partial(
+            shard_loader, split="train", vocab_size=vocab_size)
+        self.eval_loader_factory = eval_loader_factory or (functools.partial(
+            shard_loader, split="eval", vocab_size=vocab_size) if args.eval_file_pattern else None)
+        self.loss_function = as_global_share(compute_loss_func or next_token_loss)
+        self.train_metrics = list(train_metrics)
+        self.eval_metrics = [CrossEntropy(), *eval_metrics]
+        self.model = model
+        self.optimizer, self.scheduler = optimizers
+        self.flops_per_token = flops_per_token(model, args.block_size)
+
+    def train(self) -> dict[str, float]:
+        """Trains to the end; returns the last logged train and eval values."""
+        args, accelerator = self.args, self.accelerator
+        batches = iter(self.train_loader_factory(args, accelerator))
+        total_steps = self.count_steps(batches)
+        self.prepare(total_steps)
+        run_log = RunLog(args, accelerator, {"args": args.to_sanitized_dict(), "provenance": provenance(),
+                                             "total_steps": total_steps})
+        progress = tqdm(total=total_steps, disable=not accelerator.is_main_process, desc="train", unit="step")
+        window = _LogWindow(accelerator.device)
+        latest: dict[str, float] = {}
+        for step in range(total_steps + 1):
+            last_step = step == total_steps
+            if self.eval_loader_factory and (last_step or _every(step, args.eval_every_steps)):
+                with window.excluded():
+                    values = self.evaluate()
+                run_log.log(values, step)
+                latest.update(values)
+            if last_step or (step and _every(step, args.save_every_steps)):
+                with window.excluded():
+                    self.save(step, final=last_step)
+            if last_step:
+                break
+            window.add(*self.training_step(batches))
+            progress.update()
+            if _every(step + 1, args.log_every_steps) or step + 1 == total_steps:
+                values = self.train_log_values(window, step + 1)
+                run_log.log(values, step + 1)
+                latest.update(values)
+                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
+        progress.close()
+        run_log.close()
+        return latest
+
+    def count_steps(self, loader: Iterator[Any]) -> int:
+        """Optimizer steps to run: from --max_train_steps or --max_train_tokens, never beyond the data."""
+        args = self.args
+        available = len(loader) // args.gradient_accumulation_steps if hasattr(loader, "__len__") else None
+        if args.max_train_steps:
+            steps = args.max_train_steps
+        elif args.max_train_tokens:
+            steps = args.max_train_tokens // args.tokens_per_step
+        elif available is None:
+            raise ValueError("The train loader has no length: give --max_train_steps.")
+        else:
+            steps = available
+        if available is not None and steps > available:
+            warnings.warn(f"The train data holds {available} steps of {args.tokens_per_step} tokens, fewer than the "
+                          f"{steps} asked for; training on all of it.", stacklevel=2)
+            steps = available
+        if steps < 1:
+            raise ValueError(f"Less than one step of training: a step takes {args.tokens_per_step} tokens "
+                             f"(--train_batch_size {args.train_batch_size} × --block_size {args.block_size}).")
+        return steps
+
+    def prepare(self, total_steps: int) -> None:
+        """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(self.model, self.args)
+        if self.scheduler is None:
+            self.scheduler = create_scheduler(self.optimizer, self.args, total_steps)
+        # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.forward_loss = torch.compile(self._forward_loss) if self.args.torch_compile else self._forward_loss
+
+    def _forward_loss(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        outputs = self.model(input_ids=inputs["input_ids"], **self.args.forward_kwargs)
+        return self.loss_function(outputs, inputs, num_items_in_batch), outputs
+
+    def training_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over the accumulated micro-batches; returns the step's loss, grad norm and lr."""
+        accelerator = self.accelerator
+        micro_batches = [next(batches) for _ in range(self.args.gradient_accumulation_steps)]
+        # The global count of labelled tokens makes every micro-batch's loss its exact share of the global mean.
+        num_items = accelerator.reduce(sum(count_labelled(batch) for batch in micro_batches), reduction="sum")
+        num_items = num_items.clamp(min=1).float()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for index, inputs in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.model):
+                loss, outputs = self.forward_loss(inputs, num_items)
+                # DDP averages gradients over processes; the shares are meant to be summed.
+                accelerator.backward(loss * accelerator.num_processes)
+            step_loss += loss.detach()
+            for metric in self.train_metrics:
+                metric.update(outputs, inputs)
+        grad_norm = torch.zeros(())
+        if self.args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm, learning_rate
+
+    def train_log_values(self, window: _LogWindow, step: int) -> dict[str, float]:
+        accelerator = self.accelerator
+        loss = accelerator.reduce(window.loss_sum, reduction="sum").item() / window.steps
+        seconds = window.train_seconds()
+        tokens_per_second = window.steps * self.args.tokens_per_step / seconds
+        values = {
+            "train_loss": loss,
+            "lr": window.learning_rate,
+            "grad_norm": float(window.grad_norm),
+            "tokens": step * self.args.tokens_per_step,
+            "tokens_per_second": tokens_per_second,
+            "step_seconds": seconds / window.steps,
+            **report(self.train_metrics, accelerator, "train_"),
+        }
+        peak = peak_flops(accelerator.device)
+        if peak:
+            values["mfu"] = tokens_per_second / accelerator.num_processes * self.flops_per_token / peak
+        if torch.cuda.is_available():
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        window.reset()
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics over the eval data, the same data each time (up to --max_eval_steps batches)."""
+        self.model.eval()
+        loader = self.eval_loader_factory(self.args, self.accelerator)
+        for index, inputs in enumerate(loader):
+            if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
+                break
+            outputs = self.model(input_ids=inputs["input_ids"], **self.args.forward_kwargs)
+            for metric in self.eval_metrics:
+                metric.update(outputs, inputs)
+        self.model.train()
+        return report(self.eval_metrics, self.accelerator, "eval_")
+
+    def save(self, step: int, final: bool) -> None:
+        """Saves the model to output_dir/step{step}/, and at the end also to output_dir/main/."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            saved = save_model(model, Path(self.args.output_dir) / f"step{step}")
+            if final:
+                copy_checkpoint(saved, Path(self.args.output_dir) / "main")
+        accelerator.wait_for_everyone()
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+class _LogWindow:
+    """What accumulates between two log lines: loss on the device, and train time without evals and saves."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps, self.excluded_seconds = 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, learning_rate: float) -> None:
+        self.loss_sum += loss
+        self.grad_norm, self.learning_rate = grad_norm, learning_rate
+        self.steps += 1
+
+    def train_seconds(self) -> float:
+        # Called after the loss's .item(), so the device has finished the window's work.
+        return time.perf_counter() - self.start - self.excluded_seconds
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent inside does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded_seconds += time.perf_counter() - start
