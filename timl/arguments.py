@@ -63,6 +63,8 @@ class TrainingArguments:
 
     log_every_steps: int = _arg(10, "Log train metrics every this many steps.")
     save_every_steps: int = _arg(1000, "Save a checkpoint every this many steps; 0 saves only at the end.")
+    save_total_limit: int | None = _arg(None, "Keep only the newest this many step{N} checkpoints locally (never one "
+                                              "still uploading; main is always kept). Default: keep all.")
     eval_every_steps: int = _arg(100, "Evaluate every this many steps (and at step 0); 0 evaluates only at the end.")
 
     seed: int = _arg(0, "Seed for Python, NumPy and torch.")
@@ -78,6 +80,10 @@ class TrainingArguments:
     hub_model_id: str | None = _arg(None, "Hub repo to upload to, e.g. 'user/gpt2_c4'. Needed with --push_to_hub.")
     hub_token: str | None = _arg(None, "Hub token. Default: the environment's or the cached login. Never written out.")
     hub_private: bool | None = _arg(None, "Create the Hub repo private.")
+    hub_target: str = _arg("hub", "Where --push_to_hub uploads go: 'hub', or a local or mounted folder, written as "
+                                  "FOLDER/<revision>/ (for clusters without Hub access).")
+    preemption_upload_seconds: float = _arg(60.0, "On SIGTERM or SIGINT, how long pending uploads may take after "
+                                                  "the last checkpoint is saved.")
 
     forward_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of extra keyword arguments for model.forward.")
     use_liger_kernel: bool = _arg(False, "Use Liger's kernels where they fit the model.")
@@ -149,8 +155,10 @@ class TrainingArguments:
         unknown = set(self.trackers) - {t.value for t in LoggerType}
         if unknown:
             problems.append(f"--report_to names unknown trackers: {', '.join(sorted(unknown))}")
-        if self.push_to_hub and not self.hub_model_id:
-            problems.append("--push_to_hub needs --hub_model_id")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            problems.append(f"--save_total_limit must be positive, got {self.save_total_limit}")
+        if self.push_to_hub and self.hub_target == "hub" and not self.hub_model_id:
+            problems.append("--push_to_hub needs --hub_model_id (or a local --hub_target)")
         return problems
 
     def _check_files(self) -> list[str]:

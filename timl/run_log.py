@@ -26,10 +26,13 @@ def wandb_has_login() -> bool:
         return False
 
 
-def tracker_init_kwargs(args: TrainingArguments) -> dict[str, dict[str, Any]]:
+def tracker_init_kwargs(args: TrainingArguments, run_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
     kwargs: dict[str, dict[str, Any]] = {}
     if "wandb" in args.trackers or "all" in args.trackers:
-        wandb = {"name": args.wandb_run_name, "dir": args.output_dir}
+        wandb: dict[str, Any] = {"name": args.wandb_run_name, "dir": args.output_dir}
+        if "wandb" in run_ids:
+            # A resumed run continues the same W&B run rather than starting a duplicate.
+            wandb.update(id=run_ids["wandb"], resume="allow")
         if not wandb_has_login() and os.environ.get("WANDB_MODE") is None:
             wandb["mode"] = "offline"
             logger.warning("No W&B login found: W&B runs offline. Upload later with `wandb sync %s/wandb`.",
@@ -41,15 +44,36 @@ def tracker_init_kwargs(args: TrainingArguments) -> dict[str, dict[str, Any]]:
 class RunLog:
     """Writes each log line to metrics.jsonl and to the trackers. Every process may call `log`; only the main writes."""
 
-    def __init__(self, args: TrainingArguments, accelerator: Accelerator, config: dict[str, Any]):
+    def __init__(self, args: TrainingArguments, accelerator: Accelerator, config: dict[str, Any],
+                 resumed_step: int | None = None, run_ids: dict[str, str] | None = None):
         self.accelerator = accelerator
         self.path = Path(args.output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             (self.path.parent / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            if resumed_step is not None:
+                self._forget_after(resumed_step)
         if args.trackers:
             accelerator.init_trackers(args.wandb_project or "timl", config=_flat(config),
-                                      init_kwargs=tracker_init_kwargs(args))
+                                      init_kwargs=tracker_init_kwargs(args, run_ids or {}))
+
+    def _forget_after(self, step: int) -> None:
+        """Drops the lines a killed run wrote after its last checkpoint: the resumed run writes them again."""
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in lines))
+        os.replace(temporary, self.path)
+
+    def run_ids(self) -> dict[str, str]:
+        """The trackers' run ids, saved in checkpoints so that a resumed run continues the same runs."""
+        ids = {}
+        for tracker in self.accelerator.trackers:
+            run = getattr(tracker, "run", None)
+            if tracker.name == "wandb" and getattr(run, "id", None):
+                ids["wandb"] = run.id
+        return ids
 
     def log(self, values: dict[str, Any], step: int) -> None:
         if not self.accelerator.is_main_process:

@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,12 +20,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
+from timl import checkpoint
 from timl.arguments import TrainingArguments
-from timl.checkpoint import copy_checkpoint, save_model
 from timl.loader import BatchLoader, ShardLoader
 from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
 from timl.metrics import CrossEntropy, Metric, report
 from timl.optim import create_optimizer, create_scheduler
+from timl.preemption import PreemptionGuard
 from timl.provenance import provenance
 from timl.run_log import RunLog
 from timl.throughput import flops_per_token, peak_flops
@@ -105,38 +105,89 @@ class Trainer:
         self.flops_per_token = flops_per_token(model, args.block_size)
 
     def train(self) -> dict[str, float]:
-        """Trains to the end; returns the last logged train and eval values."""
+        """Trains to the end, or until a stop signal; returns the last logged train and eval values."""
         args, accelerator = self.args, self.accelerator
-        batches = iter(self.train_loader_factory(args, accelerator))
-        total_steps = self.count_steps(batches)
+        self.train_loader = self.train_loader_factory(args, accelerator)
+        batches = iter(self.train_loader)
+        total_steps = self.count_steps(self.train_loader)
         self.prepare(total_steps)
-        run_log = RunLog(args, accelerator, {"args": args.to_sanitized_dict(), "provenance": provenance(),
-                                             "total_steps": total_steps})
-        progress = tqdm(total=total_steps, disable=not accelerator.is_main_process, desc="train", unit="step")
-        window = _LogWindow(accelerator.device)
-        latest: dict[str, float] = {}
-        for step in range(total_steps + 1):
-            last_step = step == total_steps
-            if self.eval_loader_factory and (last_step or _every(step, args.eval_every_steps)):
-                with window.excluded():
-                    values = self.evaluate()
-                run_log.log(values, step)
-                latest.update(values)
-            if last_step or (step and _every(step, args.save_every_steps)):
-                with window.excluded():
-                    self.save(step, final=last_step)
-            if last_step:
-                break
-            window.add(*self.training_step(batches))
-            progress.update()
-            if _every(step + 1, args.log_every_steps) or step + 1 == total_steps:
-                values = self.train_log_values(window, step + 1)
-                run_log.log(values, step + 1)
-                latest.update(values)
-                progress.set_postfix(loss=f"{values['train_loss']:.4f}")
+        start_step, saved = self.resume()
+        self.run_log = RunLog(args, accelerator, self.run_config(total_steps),
+                              resumed_step=start_step if saved else None, run_ids=saved.get("tracker_run_ids"))
+        progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, unit="step")
+        window, latest = _LogWindow(accelerator.device), {}
+        with PreemptionGuard() as guard:
+            for step in range(start_step, total_steps + 1):
+                last_step = step == total_steps
+                # A resumed run's first step was evaluated and saved before the checkpoint was taken.
+                fresh = not saved or step > start_step or last_step
+                if fresh and self.eval_loader_factory and (last_step or _every(step, args.eval_every_steps)):
+                    latest.update(self.log(self.evaluate, window, step))
+                if fresh and (last_step or (step and _every(step, args.save_every_steps))):
+                    with window.excluded():
+                        self.save(step, final=last_step)
+                if last_step:
+                    break
+                loss, grad_norm, learning_rate, stop_votes = self.training_step(batches, guard.requested)
+                window.add(loss, grad_norm, learning_rate)
+                progress.update()
+                if _every(step + 1, args.log_every_steps) or step + 1 == total_steps:
+                    latest.update(self.log(functools.partial(self.train_log_values, window, step + 1), None, step + 1))
+                    progress.set_postfix(loss=f"{latest['train_loss']:.4f}")
+                if stop_votes.item() > 0:
+                    self.stop_for_preemption(step + 1, guard)
+                    break
         progress.close()
-        run_log.close()
+        self.finish()
         return latest
+
+    def log(self, compute: Callable[[], dict[str, float]], window: _LogWindow | None, step: int) -> dict[str, float]:
+        """Computes values (outside the train-time window if one is given) and logs them at `step`."""
+        with window.excluded() if window is not None else nullcontext():
+            values = compute()
+        self.run_log.log(values, step)
+        return values
+
+    def run_config(self, total_steps: int) -> dict[str, Any]:
+        return {"args": self.args.to_sanitized_dict(), "provenance": provenance(), "total_steps": total_steps,
+                "world_size": self.accelerator.num_processes}
+
+    def resume(self) -> tuple[int, dict[str, Any]]:
+        """Restores the checkpoint named by --resume_from_checkpoint; returns the step to continue from and its
+        saved state (0 and {} when starting afresh)."""
+        if not self.args.resume_from_checkpoint:
+            return 0, {}
+        path = checkpoint.resolve(self.args.resume_from_checkpoint, self.args.output_dir)
+        if path is None:
+            logger.warning("No checkpoint in %s yet: starting from the beginning.", self.args.output_dir)
+            return 0, {}
+        saved = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                       loader=self.train_loader)
+        self.checkpointer.restore_rng(path)
+        logger.info("Resumed from %s at step %d.", path, saved["step"])
+        return saved["step"], saved
+
+    def save(self, step: int, final: bool) -> None:
+        """Saves a full checkpoint to output_dir/step{step}/, and at the end also to output_dir/main/."""
+        state = {"tokens": step * self.args.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
+                 "data_order": {key: getattr(self.args, key) for key in checkpoint.DATA_ORDER_KEYS},
+                 **self.run_config(self.total_steps)}
+        self.checkpointer.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               loader=self.train_loader, state=state, final=final)
+
+    def stop_for_preemption(self, step: int, guard: PreemptionGuard) -> None:
+        self.save(step, final=False)
+        if self.uploader is not None:
+            self.uploader.close(timeout=self.args.preemption_upload_seconds)
+            self.uploader = None
+        name = guard.received.name if guard.received else "a stop signal from another process"
+        logger.warning("Stopped by %s after step %d, with a checkpoint in %s/step%d. Continue with "
+                       "--resume_from_checkpoint latest.", name, step, self.args.output_dir, step)
+
+    def finish(self) -> None:
+        if self.uploader is not None:
+            self.uploader.close()  # waits for every pending upload, and logs any that failed
+        self.run_log.close()
 
     def count_steps(self, loader: Iterator[Any]) -> int:
         """Optimizer steps to run: from --max_train_steps or --max_train_tokens, never beyond the data."""
@@ -168,18 +219,25 @@ class Trainer:
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.forward_loss = torch.compile(self._forward_loss) if self.args.torch_compile else self._forward_loss
+        self.total_steps = total_steps
+        self.uploader = start_uploader(self.args) if self.accelerator.is_main_process else None
+        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, self.uploader)
 
     def _forward_loss(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
         outputs = self.model(input_ids=inputs["input_ids"], **self.args.forward_kwargs)
         return self.loss_function(outputs, inputs, num_items_in_batch), outputs
 
-    def training_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over the accumulated micro-batches; returns the step's loss, grad norm and lr."""
+    def training_step(self, batches: Iterator[dict[str, torch.Tensor]], stop_requested: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """One optimizer step over the accumulated micro-batches. Returns the step's loss, grad norm and lr, and
+        how many processes were asked to stop: that rides on the step's one all-reduce, so all stop together."""
         accelerator = self.accelerator
         micro_batches = [next(batches) for _ in range(self.args.gradient_accumulation_steps)]
         # The global count of labelled tokens makes every micro-batch's loss its exact share of the global mean.
-        num_items = accelerator.reduce(sum(count_labelled(batch) for batch in micro_batches), reduction="sum")
-        num_items = num_items.clamp(min=1).float()
+        local = torch.stack([sum(count_labelled(batch) for batch in micro_batches).float(),
+                             torch.tensor(float(stop_requested), device=accelerator.device)])
+        num_items, stop_votes = accelerator.reduce(local, reduction="sum")
+        num_items = num_items.clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
         for index, inputs in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
@@ -197,7 +255,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, grad_norm, learning_rate
+        return step_loss, grad_norm, learning_rate, stop_votes
 
     def train_log_values(self, window: _LogWindow, step: int) -> dict[str, float]:
         accelerator = self.accelerator
@@ -235,16 +293,14 @@ class Trainer:
         self.model.train()
         return report(self.eval_metrics, self.accelerator, "eval_")
 
-    def save(self, step: int, final: bool) -> None:
-        """Saves the model to output_dir/step{step}/, and at the end also to output_dir/main/."""
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(self.model)
-            saved = save_model(model, Path(self.args.output_dir) / f"step{step}")
-            if final:
-                copy_checkpoint(saved, Path(self.args.output_dir) / "main")
-        accelerator.wait_for_everyone()
+
+def start_uploader(args: TrainingArguments) -> Any:
+    """The background uploader of checkpoints, when --push_to_hub asks for one (never in --debug)."""
+    if not args.push_to_hub:
+        return None
+    from timl.upload import Uploader, upload_target
+
+    return Uploader(upload_target(args.hub_target, args.hub_model_id, args.hub_token, args.hub_private))
 
 
 def _every(step: int, interval: int) -> bool:
