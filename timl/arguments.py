@@ -71,6 +71,8 @@ class TrainingArguments:
     full_determinism: bool = _arg(False, "Deterministic algorithms everywhere (slower); see transformers' docs.")
     bf16: bool = _arg(True, "bf16 autocast on GPUs. Ignored on the CPU, which trains in fp32.")
     torch_compile: bool = _arg(False, "Compile the model's forward together with the loss.")
+    pad_vocab_size_to: int | None = _arg(None, "Pad the vocab to a multiple of this (64 is fast on GPUs); padded "
+                                               "rows never get probability mass, and the config states the padding.")
 
     report_to: str = _arg("wandb", "Comma-separated Accelerate trackers (" + ", ".join(t.value for t in LoggerType) + ") or 'none'. Without a W&B login, W&B runs offline.")
     wandb_project: str | None = _arg("timl", "W&B project.")

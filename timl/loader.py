@@ -9,6 +9,7 @@ which is why resuming costs O(1): the next batch is read straight from that posi
 from __future__ import annotations
 
 import bisect
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,10 +172,21 @@ class ShardLoader:
         return self.num_tokens // self.tokens_per_batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while self.position + self.tokens_per_batch <= self.num_tokens:
-            batch = self._read_batch(self.position + self.rank * self.tokens_per_rank)
-            self.position += self.tokens_per_batch
-            yield batch
+        # One batch is read ahead on a thread, so the training step never waits for the disk or the copy.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="timl-loader") as reader:
+            position = self.position
+            ahead = self._submit(reader, position)
+            while ahead is not None:
+                batch = ahead.result()
+                position += self.tokens_per_batch
+                ahead = self._submit(reader, position)
+                self.position = position
+                yield batch
+
+    def _submit(self, reader: ThreadPoolExecutor, position: int) -> Future | None:
+        if position + self.tokens_per_batch > self.num_tokens:
+            return None
+        return reader.submit(self._read_batch, position + self.rank * self.tokens_per_rank)
 
     def _read_batch(self, start: int) -> dict[str, torch.Tensor]:
         pin = self.device.type == "cuda"

@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -22,6 +23,8 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from timl import checkpoint
 from timl.arguments import TrainingArguments
+from timl.kernels import (CausalLMForTraining, apply_liger, choose_loss_path, logits_outputs, pad_vocab,
+                          real_vocab_size)
 from timl.loader import BatchLoader, ShardLoader
 from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
 from timl.metrics import CrossEntropy, Metric, report
@@ -92,7 +95,8 @@ class Trainer:
             raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
                                f"{args.world_size}; launch with torchrun or accelerate launch.")
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
+        self.vocab_size = vocab_size = real_vocab_size(model)
         self.train_loader_factory = train_loader_factory or functools.partial(
             shard_loader, split="train", vocab_size=vocab_size)
         self.eval_loader_factory = eval_loader_factory or (functools.partial(
@@ -103,6 +107,31 @@ class Trainer:
         self.model = model
         self.optimizer, self.scheduler = optimizers
         self.flops_per_token = flops_per_token(model, args.block_size)
+        self.first_step_seconds: float | None = None
+
+    def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
+                      train_metrics: Sequence[Metric]) -> list[str]:
+        """Pads the vocab and picks the loss path (and Liger's modules) as the arguments ask; returns what is on."""
+        args = self.args
+        active = []
+        if args.pad_vocab_size_to:
+            pad_vocab(model, args.pad_vocab_size_to)
+            active.append(f"vocab padded to {model.config.vocab_size}")
+        path = choose_loss_path(args.use_liger_kernel, args.use_cut_cross_entropy, self.accelerator.device)
+        if path != "torch" and compute_loss_func is not None:
+            raise ValueError(f"compute_loss_func needs the model's logits, which the {path} fused loss never makes: "
+                             f"drop --use_liger_kernel / --use_cut_cross_entropy, or the custom loss.")
+        if path == "liger":
+            active += apply_liger(model, args.liger_kernel_kwargs)
+        if path != "torch" and train_metrics:
+            logger.warning("The %s fused loss makes no logits, so train metrics are skipped; they still run at eval.",
+                           path)
+        # The default loss runs fused on hidden states; a custom loss or train metrics need the logits.
+        self.loss_path = None if compute_loss_func is not None or (train_metrics and path == "torch") else path
+        self.train_metrics_on = self.loss_path is None
+        active.append(f"loss: {self.loss_path or 'logits'}" + (", compiled with the model" if args.torch_compile else ""))
+        logger.info("Kernels: %s.", "; ".join(active))
+        return active
 
     def train(self) -> dict[str, float]:
         """Trains to the end, or until a stop signal; returns the last logged train and eval values."""
@@ -128,13 +157,15 @@ class Trainer:
                         self.save(step, final=last_step)
                 if last_step:
                     break
-                loss, grad_norm, learning_rate, stop_votes = self.training_step(batches, guard.requested)
-                window.add(loss, grad_norm, learning_rate)
+                result = self.training_step(batches, guard.requested)
+                window.add(result)
+                if step == start_step:
+                    self.first_step_seconds = self.finish_first_step(window)
                 progress.update()
                 if _every(step + 1, args.log_every_steps) or step + 1 == total_steps:
                     latest.update(self.log(functools.partial(self.train_log_values, window, step + 1), None, step + 1))
                     progress.set_postfix(loss=f"{latest['train_loss']:.4f}")
-                if stop_votes.item() > 0:
+                if result.stop_votes.item() > 0:
                     self.stop_for_preemption(step + 1, guard)
                     break
         progress.close()
@@ -216,38 +247,45 @@ class Trainer:
             self.optimizer = create_optimizer(self.model, self.args)
         if self.scheduler is None:
             self.scheduler = create_scheduler(self.optimizer, self.args, total_steps)
+        training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.kernel_kwargs(),
+                                       self.args.forward_kwargs, return_outputs=bool(self.train_metrics))
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.forward_loss = torch.compile(self._forward_loss) if self.args.torch_compile else self._forward_loss
+        self.training_model, self.optimizer = self.accelerator.prepare(training, self.optimizer)
+        # Compiling the prepared module puts autocast, the model and the loss into one graph.
+        self.forward_loss = torch.compile(self.training_model) if self.args.torch_compile else self.training_model
         self.total_steps = total_steps
         self.uploader = start_uploader(self.args) if self.accelerator.is_main_process else None
         self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, self.uploader)
 
-    def _forward_loss(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        outputs = self.model(input_ids=inputs["input_ids"], **self.args.forward_kwargs)
-        return self.loss_function(outputs, inputs, num_items_in_batch), outputs
+    def kernel_kwargs(self) -> dict[str, Any]:
+        if self.loss_path == "cut_cross_entropy":
+            return self.args.cut_cross_entropy_kwargs
+        return {}
 
-    def training_step(self, batches: Iterator[dict[str, torch.Tensor]], stop_requested: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
-        """One optimizer step over the accumulated micro-batches. Returns the step's loss, grad norm and lr, and
-        how many processes were asked to stop: that rides on the step's one all-reduce, so all stop together."""
+    def training_step(self, batches: Iterator[dict[str, torch.Tensor]], stop_requested: bool = False) -> StepResult:
+        """One optimizer step over the accumulated micro-batches. Also counts the processes asked to stop: that
+        rides on the step's one all-reduce, so that all of them stop together."""
         accelerator = self.accelerator
+        data_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(self.args.gradient_accumulation_steps)]
+        data_seconds = time.perf_counter() - data_start
         # The global count of labelled tokens makes every micro-batch's loss its exact share of the global mean.
+        # torch.full fills on the device: torch.tensor would copy from the host and wait for the GPU every step.
         local = torch.stack([sum(count_labelled(batch) for batch in micro_batches).float(),
-                             torch.tensor(float(stop_requested), device=accelerator.device)])
+                             torch.full((), float(stop_requested), device=accelerator.device)])
         num_items, stop_votes = accelerator.reduce(local, reduction="sum")
         num_items = num_items.clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
         for index, inputs in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.model):
+            with nullcontext() if last else accelerator.no_sync(self.training_model):
                 loss, outputs = self.forward_loss(inputs, num_items)
                 # DDP averages gradients over processes; the shares are meant to be summed.
                 accelerator.backward(loss * accelerator.num_processes)
             step_loss += loss.detach()
-            for metric in self.train_metrics:
-                metric.update(outputs, inputs)
+            if self.train_metrics_on:
+                for metric in self.train_metrics:
+                    metric.update(outputs, inputs)
         grad_norm = torch.zeros(())
         if self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
@@ -255,25 +293,36 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, grad_norm, learning_rate, stop_votes
+        return StepResult(step_loss, grad_norm, learning_rate, stop_votes, data_seconds)
+
+    def finish_first_step(self, window: _LogWindow) -> float:
+        """The first step compiles; its time is reported on its own and kept out of the throughput."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = window.train_seconds()
+        window.restart_clock()
+        return seconds
 
     def train_log_values(self, window: _LogWindow, step: int) -> dict[str, float]:
         accelerator = self.accelerator
         loss = accelerator.reduce(window.loss_sum, reduction="sum").item() / window.steps
-        seconds = window.train_seconds()
-        tokens_per_second = window.steps * self.args.tokens_per_step / seconds
         values = {
             "train_loss": loss,
             "lr": window.learning_rate,
             "grad_norm": float(window.grad_norm),
             "tokens": step * self.args.tokens_per_step,
-            "tokens_per_second": tokens_per_second,
-            "step_seconds": seconds / window.steps,
-            **report(self.train_metrics, accelerator, "train_"),
+            **(report(self.train_metrics, accelerator, "train_") if self.train_metrics_on else {}),
         }
-        peak = peak_flops(accelerator.device)
-        if peak:
-            values["mfu"] = tokens_per_second / accelerator.num_processes * self.flops_per_token / peak
+        if self.first_step_seconds is not None:
+            values["first_step_seconds"], self.first_step_seconds = self.first_step_seconds, None
+        seconds = window.train_seconds()
+        if window.timed_steps:
+            tokens_per_second = window.timed_steps * self.args.tokens_per_step / seconds
+            values.update(tokens_per_second=tokens_per_second, step_seconds=seconds / window.timed_steps,
+                          data_wait_fraction=window.data_seconds / seconds)
+            peak = peak_flops(accelerator.device)
+            if peak:
+                values["mfu"] = tokens_per_second / accelerator.num_processes * self.flops_per_token / peak
         if torch.cuda.is_available():
             values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         window.reset()
@@ -287,7 +336,8 @@ class Trainer:
         for index, inputs in enumerate(loader):
             if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
                 break
-            outputs = self.model(input_ids=inputs["input_ids"], **self.args.forward_kwargs)
+            with self.accelerator.autocast():
+                outputs = logits_outputs(self.model, inputs["input_ids"], self.args.forward_kwargs, self.vocab_size)
             for metric in self.eval_metrics:
                 metric.update(outputs, inputs)
         self.model.train()
@@ -307,6 +357,17 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+@dataclass
+class StepResult:
+    """One optimizer step's outcome, still on the device where it can be."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    learning_rate: float
+    stop_votes: torch.Tensor
+    data_seconds: float
+
+
 class _LogWindow:
     """What accumulates between two log lines: loss on the device, and train time without evals and saves."""
 
@@ -316,13 +377,20 @@ class _LogWindow:
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.excluded_seconds = 0, 0.0
+        self.steps = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Times from now: the steps before (compilation, warm-up) stay out of the throughput."""
+        self.timed_steps, self.excluded_seconds, self.data_seconds = 0, 0.0, 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, learning_rate: float) -> None:
-        self.loss_sum += loss
-        self.grad_norm, self.learning_rate = grad_norm, learning_rate
+    def add(self, result: StepResult) -> None:
+        self.loss_sum += result.loss
+        self.grad_norm, self.learning_rate = result.grad_norm, result.learning_rate
         self.steps += 1
+        self.timed_steps += 1
+        self.data_seconds += result.data_seconds
 
     def train_seconds(self) -> float:
         # Called after the loss's .item(), so the device has finished the window's work.
