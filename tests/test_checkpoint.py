@@ -78,15 +78,15 @@ def train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in read_metrics(output_dir) if "train_loss" in r}
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_kill_9_then_resume_from_latest_gives_the_same_losses_to_the_bit(data, processes):
-    finish(launch(argv(data, data / "reference"), processes))
-    interrupted = launch(argv(data, data / "resumed"), processes)
+@pytest.mark.parametrize(("processes", "optim"), [(1, "adamw_torch"), (2, "adamw_torch"), (1, "muon")])
+def test_kill_9_then_resume_from_latest_gives_the_same_losses_to_the_bit(data, processes, optim):
+    finish(launch(argv(data, data / "reference", "--optim", optim), processes))
+    interrupted = launch(argv(data, data / "resumed", "--optim", optim), processes)
     wait_for_step(data / "resumed", 37, interrupted)
     kill_all(interrupted, signal.SIGKILL)
     killed_at = max(train_losses(data / "resumed"))
     assert killed_at < 150
-    finish(launch(argv(data, data / "resumed", "--resume_from_checkpoint", "latest"), processes))
+    finish(launch(argv(data, data / "resumed", "--optim", optim, "--resume_from_checkpoint", "latest"), processes))
 
     reference, resumed = train_losses(data / "reference"), train_losses(data / "resumed")
     assert list(resumed) == list(range(1, 151))  # lines after the last checkpoint were dropped and written again
@@ -119,7 +119,7 @@ def test_a_crash_between_the_files_of_a_save_leaves_latest_on_the_previous_check
     real_save = torch.save
 
     def crash_on_the_third_scheduler(obj, path, *args, **kwargs):
-        if str(path).endswith("scheduler.pt") and ".step6.tmp" in str(path):
+        if str(path).endswith("scheduler_0.pt") and ".step6.tmp" in str(path):
             raise OSError("simulated crash mid-save")
         return real_save(obj, path, *args, **kwargs)
 
@@ -127,10 +127,10 @@ def test_a_crash_between_the_files_of_a_save_leaves_latest_on_the_previous_check
     with pytest.raises(OSError, match="simulated crash"):
         pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data))
     run = data / "run"
-    assert (run / ".step6.tmp" / "optimizer.pt").exists()  # half written, under a hidden name
+    assert (run / ".step6.tmp" / "optimizer_0.pt").exists()  # half written, under a hidden name
     assert checkpoint.resolve("latest", run) == run / "step4"
     # A step folder missing a file (copied by hand, say) is skipped too.
-    (run / "step4" / "optimizer.pt").unlink()
+    (run / "step4" / "optimizer_0.pt").unlink()
     assert checkpoint.resolve("latest", run) == run / "step2"
 
 
@@ -154,7 +154,7 @@ class Payload:
 
 def test_loading_never_unpickles_arbitrary_objects(data):
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
-    with open(data / "run" / "step2" / "optimizer.pt", "wb") as file:
+    with open(data / "run" / "step2" / "optimizer_0.pt", "wb") as file:
         pickle.dump(Payload(), file)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         pretrain(ModelArguments(config_overrides=TINY_GPT2),
@@ -166,7 +166,7 @@ def test_a_checkpoint_holds_everything_and_loads_with_from_pretrained(data):
 
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2, hub_token="hf_SECRET"))
     folder = data / "run" / "step2"
-    assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pt",
+    assert {"model.safetensors", "config.json", "optimizer_0.pt", "scheduler_0.pt", "rng_state_0.pt",
             "loader_state_0.json", "trainer_state.json"} <= {p.name for p in folder.iterdir()}
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["tokens"] == 2 * 8 * 16 and state["world_size"] == 1

@@ -19,7 +19,7 @@ from transformers.trainer_utils import SchedulerType
 
 from timl.shards import ShardError, list_shards
 
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "muon")
 SECRET_FIELDS = ("hub_token",)
 JSON_FIELDS = ("lr_scheduler_kwargs", "forward_kwargs", "liger_kernel_kwargs", "cut_cross_entropy_kwargs")
 
@@ -52,7 +52,14 @@ class TrainingArguments:
     adam_beta2: float = _arg(0.95, "AdamW beta2.")
     adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _arg(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
-    optim: str = _arg("adamw_torch_fused", f"Optimizer: one of {', '.join(SUPPORTED_OPTIMIZERS)}.")
+    optim: str = _arg("adamw_torch_fused", f"Optimizer: one of {', '.join(SUPPORTED_OPTIMIZERS)}. muon: Muon for the "
+                                           "hidden 2-D weights, AdamW (--learning_rate) for the rest.")
+    muon_learning_rate: float = _arg(0.02, "Muon's peak learning rate (0.02, as in Keller Jordan's Muon and "
+                                           "modded-nanogpt).")
+    muon_momentum: float = _arg(0.95, "Muon's Nesterov momentum (0.95, as in Keller Jordan's Muon).")
+    decay_embeddings: bool = _arg(True, "Apply weight decay to the input and output embeddings.")
+    z_loss_coefficient: float = _arg(0.0, "Add this × mean(logsumexp(logits)²) to the loss (PaLM's z-loss, 1e-4 "
+                                          "there); logged as train_z_loss. 0 turns it off.")
 
     lr_scheduler_type: str = _arg("cosine", "Any transformers scheduler: " + ", ".join(s.value for s in SchedulerType))
     lr_scheduler_kwargs: dict[str, Any] | str | None = _arg(
@@ -157,6 +164,10 @@ class TrainingArguments:
         unknown = set(self.trackers) - {t.value for t in LoggerType}
         if unknown:
             problems.append(f"--report_to names unknown trackers: {', '.join(sorted(unknown))}")
+        if self.z_loss_coefficient and self.use_cut_cross_entropy:
+            problems.append("--z_loss_coefficient does not work with --use_cut_cross_entropy, which has no z-loss")
+        if self.z_loss_coefficient < 0:
+            problems.append(f"--z_loss_coefficient must be 0 or more, got {self.z_loss_coefficient}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"--save_total_limit must be positive, got {self.save_total_limit}")
         if self.push_to_hub and self.hub_target == "hub" and not self.hub_model_id:

@@ -2,7 +2,8 @@
 
 `output_dir/step{N}/` holds:
   model.safetensors, config.json   the model, by save_pretrained: loadable with from_pretrained
-  optimizer.pt, scheduler.pt       their state dicts, read back with torch.load(weights_only=True)
+  optimizer_{i}.pt, scheduler_{i}.pt  every optimizer's and schedule's state dict, read back with
+                                   torch.load(weights_only=True)
   rng_state_{rank}.pt              Python, NumPy, torch and CUDA generator states of every rank
   loader_state_{rank}.json         every rank's data-loader position
   trainer_state.json               step, tokens, tracker run ids, what the data order depends on,
@@ -26,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
-REQUIRED_FILES = (TRAINER_STATE, "config.json", "optimizer.pt", "scheduler.pt")
+REQUIRED_FILES = (TRAINER_STATE, "config.json", "optimizer_0.pt", "scheduler_0.pt")
 STEP_FOLDER = re.compile(r"step(\d+)")
 # What the data order and the meaning of a step depend on: a checkpoint continues only the same values. (The world
 # size may change: the loader's state is a stream position. The data itself is checked by the loader's state.)
@@ -143,6 +144,17 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                               + "\n  ".join(differences) + "\nResume with the checkpoint's values, or start afresh.")
 
 
+def save_weights(model: torch.nn.Module, directory: Path) -> None:
+    """save_pretrained where the model has it; otherwise safetensors and the model's `config` (if any) as JSON,
+    which is what a custom model needs to be reloaded with load_weights."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    save_model(model, str(directory / "model.safetensors"))
+    config = getattr(model, "config", {})
+    write_json(directory / "config.json", config if isinstance(config, dict) else vars(config))
+
+
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Loads save_pretrained's safetensors (sharded or not) into an existing model; tied weights may be absent."""
     state: dict[str, torch.Tensor] = {}
@@ -171,7 +183,7 @@ class Checkpointer:
         self.args, self.accelerator, self.uploader = args, accelerator, uploader
         self.output_dir = Path(args.output_dir)
 
-    def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any, loader: Any, state: dict[str, Any],
+    def save(self, step: int, *, model: Any, optimizers: Any, loader: Any, state: dict[str, Any],
              final: bool = False) -> Path:
         accelerator, rank = self.accelerator, self.accelerator.process_index
         directory = self.output_dir / f"step{step}"
@@ -182,10 +194,12 @@ class Checkpointer:
         torch.save(rng_state(), temporary / f"rng_state_{rank}.pt")
         write_json(temporary / f"loader_state_{rank}.json", loader.state_dict())
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
-            torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-            torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
-            write_json(temporary / TRAINER_STATE, {**state, "step": step, "world_size": accelerator.num_processes})
+            save_weights(accelerator.unwrap_model(model), temporary)
+            for index, (optimizer, scheduler) in enumerate(zip(optimizers.optimizers, optimizers.schedulers)):
+                torch.save(optimizer.state_dict(), temporary / f"optimizer_{index}.pt")
+                torch.save(scheduler.state_dict(), temporary / f"scheduler_{index}.pt")
+            write_json(temporary / TRAINER_STATE, {**state, "step": step, "world_size": accelerator.num_processes,
+                                                   "optimizers": optimizers.names})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             publish(temporary, directory)
@@ -215,14 +229,18 @@ class Checkpointer:
             shutil.rmtree(doomed)
             logger.info("Deleted %s (--save_total_limit %d).", path, limit)
 
-    def load(self, path: Path, *, model: Any, optimizer: Any, scheduler: Any, loader: Any) -> dict[str, Any]:
+    def load(self, path: Path, *, model: Any, optimizers: Any, loader: Any) -> dict[str, Any]:
         """Restores everything but the RNG (see restore_rng); returns the saved trainer state."""
         state = read_json(path / TRAINER_STATE)
         check_compatible(state.get("data_order", {}), {k: getattr(self.args, k) for k in DATA_ORDER_KEYS}, path)
         load_weights(self.accelerator.unwrap_model(model), path)
-        # Read onto the CPU: load_state_dict moves each state to its parameter's device.
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if state.get("optimizers") != optimizers.names:
+            raise CheckpointError(f"{path} holds the state of optimizers {state.get('optimizers')}, but this run has "
+                                  f"{optimizers.names}; resume with the same --optim.")
+        for index, (optimizer, scheduler) in enumerate(zip(optimizers.optimizers, optimizers.schedulers)):
+            # Read onto the CPU: load_state_dict moves each state to its parameter's device.
+            optimizer.load_state_dict(torch.load(path / f"optimizer_{index}.pt", map_location="cpu", weights_only=True))
+            scheduler.load_state_dict(torch.load(path / f"scheduler_{index}.pt", weights_only=True))
         loader.load_state_dict(self._loader_state(path, state["world_size"]))
         return state
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +32,10 @@ DEFAULT_CCE_KWARGS = {"impl": "torch_compile"}
 
 
 def real_vocab_size(model: torch.nn.Module) -> int | None:
+    """The vocab without padding, from the config (an object or, for custom models, a dict), if it says."""
     config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        return config.get("unpadded_vocab_size") or config.get("vocab_size")
     return getattr(config, "unpadded_vocab_size", None) or getattr(config, "vocab_size", None)
 
 
@@ -68,32 +72,48 @@ def choose_loss_path(use_liger_kernel: bool, use_cut_cross_entropy: bool, device
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                             path: str = "torch", kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+                             path: str = "torch", kwargs: dict[str, Any] | None = None,
+                             z_loss_coefficient: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy of hidden @ weight.T against labels (already shifted), over the first
-    `vocab_size` rows of weight; rows beyond are padding."""
+    `vocab_size` rows of weight (rows beyond are padding); and the summed z-loss, coefficient × logsumexp²."""
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     kwargs = kwargs or {}
+    vocab_size = vocab_size or weight.shape[0]
     if path == "torch":
         logits = (hidden @ weight.T).float()
         if weight.shape[0] > vocab_size:
             # Out of place, so that the compiler fuses the mask into the cross-entropy instead of keeping fp32 logits.
             padding = torch.arange(weight.shape[0], device=logits.device) >= vocab_size
             logits = logits.masked_fill(padding, float("-inf"))
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return cross_entropy_and_z_loss(logits, labels, z_loss_coefficient)
     if path == "cut_cross_entropy":
         from cut_cross_entropy import linear_cross_entropy
 
+        if z_loss_coefficient:
+            raise ValueError("Cut Cross-Entropy has no z-loss: use the torch or Liger loss with --z_loss_coefficient.")
         # It takes bf16 only; the weight's first vocab_size rows are a contiguous view, so nothing is copied twice.
-        return linear_cross_entropy(hidden.to(torch.bfloat16), weight[:vocab_size].to(torch.bfloat16), labels,
+        loss = linear_cross_entropy(hidden.to(torch.bfloat16), weight[:vocab_size].to(torch.bfloat16), labels,
                                     ignore_index=IGNORE_INDEX, reduction="sum", **{**DEFAULT_CCE_KWARGS, **kwargs})
+        return loss, torch.zeros_like(loss)
     if path == "liger":
-        return _liger_loss_sum(hidden, weight, labels, vocab_size, kwargs)
+        return _liger_loss_sum(hidden, weight, labels, vocab_size, kwargs, z_loss_coefficient)
     raise ValueError(f"Unknown loss path {path!r}.")
+
+
+def cross_entropy_and_z_loss(logits: torch.Tensor, labels: torch.Tensor,
+                             z_loss_coefficient: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of [tokens, vocab] logits, and the summed z-loss over the labelled tokens."""
+    cross_entropy = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if not z_loss_coefficient:
+        return cross_entropy, torch.zeros_like(cross_entropy)
+    log_normalizers = torch.logsumexp(logits, dim=-1)
+    z_loss = z_loss_coefficient * (log_normalizers.square() * (labels != IGNORE_INDEX)).sum()
+    return cross_entropy, z_loss
 
 
 @torch.compiler.disable
 def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                    kwargs: dict[str, Any]) -> torch.Tensor:
+                    kwargs: dict[str, Any], z_loss_coefficient: float) -> tuple[torch.Tensor, torch.Tensor]:
     # Liger's kernel calls .item() and cannot be traced, so it runs eagerly between compiled regions.
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -101,8 +121,12 @@ def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if weight.shape[0] > vocab_size:
         bias = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
         bias[vocab_size:] = float("-inf")
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)
-    return loss(weight, hidden.to(weight.dtype), labels, bias)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", return_z_loss=True,
+                                            lse_square_scale=z_loss_coefficient, **kwargs)
+    output = loss(weight, hidden.to(weight.dtype), labels, bias)
+    z_loss = output.z_loss if output.z_loss is not None else torch.zeros_like(output.loss)
+    # Liger's loss already includes the z-loss; timl keeps the two apart for logging.
+    return output.loss - z_loss, z_loss
 
 
 def apply_liger(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
@@ -146,25 +170,56 @@ class CausalLMForTraining(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, loss_function: Any, loss_path: str | None,
-                 loss_kwargs: dict[str, Any], forward_kwargs: dict[str, Any], return_outputs: bool):
+                 loss_kwargs: dict[str, Any], forward_kwargs: dict[str, Any], return_outputs: bool,
+                 z_loss_coefficient: float = 0.0):
         super().__init__()
         self.model = model
         self.loss_function, self.loss_path, self.loss_kwargs = loss_function, loss_path, loss_kwargs
+        self.z_loss_coefficient = z_loss_coefficient
         # Training never reuses past keys and values: building the cache would only cost memory.
         self.forward_kwargs = {"use_cache": False, **forward_kwargs} if _has_cache(model) else forward_kwargs
         self.return_outputs = return_outputs
         self.vocab_size = real_vocab_size(model)
 
-    def forward(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def forward(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Returns this micro-batch's share of the global loss (z-loss included), of the z-loss alone, and the
+        outputs when asked for."""
         if self.loss_path is not None:
-            hidden = self.model.base_model(input_ids=inputs["input_ids"], **self.forward_kwargs).last_hidden_state
-            weight = self.model.get_output_embeddings().weight
-            loss = linear_cross_entropy_sum(hidden, weight, inputs["labels"], self.vocab_size, self.loss_path,
-                                            self.loss_kwargs)
-            return loss / num_items_in_batch, None
+            hidden = hidden_states(self.model, inputs["input_ids"], self.forward_kwargs)
+            cross_entropy, z_loss = linear_cross_entropy_sum(
+                hidden, output_weight(self.model), inputs["labels"], self.vocab_size, self.loss_path,
+                self.loss_kwargs, self.z_loss_coefficient)
+            return (cross_entropy + z_loss) / num_items_in_batch, z_loss.detach() / num_items_in_batch, None
         outputs = logits_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
         loss = self.loss_function(outputs, inputs, num_items_in_batch)
-        return loss, outputs if self.return_outputs else None
+        z_loss = torch.zeros_like(loss)
+        if self.z_loss_coefficient:
+            _, z_loss = cross_entropy_and_z_loss(outputs.logits.flatten(0, -2).float(), inputs["labels"].flatten(),
+                                                 self.z_loss_coefficient)
+            z_loss = z_loss / num_items_in_batch
+        return loss + z_loss, z_loss.detach(), outputs if self.return_outputs else None
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's last hidden states: a custom model's `hidden_states(input_ids)`, or a Hugging Face model's
+    base model output."""
+    if hasattr(model, "hidden_states"):
+        return model.hidden_states(input_ids, **forward_kwargs)
+    return model.base_model(input_ids=input_ids, **forward_kwargs).last_hidden_state
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output projection's weight, [vocab, hidden]."""
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        return model.get_output_embeddings().weight
+    return model.output_weight
+
+
+def supports_fused_loss(model: torch.nn.Module) -> bool:
+    """Whether the model exposes what the fused losses need: its hidden states and output weight."""
+    hf = hasattr(model, "base_model") and getattr(model, "get_output_embeddings", lambda: None)() is not None
+    return hf or (hasattr(model, "hidden_states") and hasattr(model, "output_weight"))
 
 
 def _has_cache(model: torch.nn.Module) -> bool:
@@ -173,10 +228,12 @@ def _has_cache(model: torch.nn.Module) -> bool:
 
 def logits_outputs(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any],
                    vocab_size: int | None) -> Any:
-    """The model's outputs, with the logits of padded vocab rows dropped."""
+    """The model's outputs (with `.logits`), with the logits of padded vocab rows dropped."""
     if _has_cache(model):
         forward_kwargs = {"use_cache": False, **forward_kwargs}
     outputs = model(input_ids=input_ids, **forward_kwargs)
+    if isinstance(outputs, torch.Tensor):  # a custom model that returns its logits
+        outputs = SimpleNamespace(logits=outputs)
     if vocab_size is not None and outputs.logits.shape[-1] > vocab_size:
         outputs.logits = outputs.logits[..., :vocab_size]
     return outputs

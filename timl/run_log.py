@@ -6,6 +6,7 @@ import json
 import logging
 import netrc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class RunLog:
     def __init__(self, args: TrainingArguments, accelerator: Accelerator, config: dict[str, Any],
                  resumed_step: int | None = None, run_ids: dict[str, str] | None = None):
         self.accelerator = accelerator
+        self.started = time.perf_counter()  # elapsed_seconds in each line counts from here, evals and saves included
         self.path = Path(args.output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,7 @@ class RunLog:
     def log(self, values: dict[str, Any], step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        record = {"step": step, **values}
+        record = {"step": step, **values, "elapsed_seconds": time.perf_counter() - self.started}
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         self.accelerator.log(values, step=step)

@@ -24,11 +24,11 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from timl import checkpoint
 from timl.arguments import TrainingArguments
 from timl.kernels import (CausalLMForTraining, apply_liger, choose_loss_path, logits_outputs, pad_vocab,
-                          real_vocab_size)
+                          real_vocab_size, supports_fused_loss)
 from timl.loader import BatchLoader, ShardLoader
 from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
 from timl.metrics import CrossEntropy, Metric, report
-from timl.optim import create_optimizer, create_scheduler
+from timl.optim import OptimizerSet, build_optimizer_set
 from timl.preemption import PreemptionGuard
 from timl.provenance import provenance
 from timl.run_log import RunLog
@@ -83,7 +83,7 @@ class Trainer:
         compute_loss_func: LossFunction | None = None,
         train_metrics: Sequence[Metric] = (),
         eval_metrics: Sequence[Metric] = (),
-        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizers: tuple[torch.optim.Optimizer | None, Any] | list[tuple[torch.optim.Optimizer, Any]] = (None, None),
     ):
         self.args = args
         self.accelerator = Accelerator(
@@ -105,7 +105,8 @@ class Trainer:
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
         self.model = model
-        self.optimizer, self.scheduler = optimizers
+        # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
+        self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
         self.flops_per_token = flops_per_token(model, args.block_size)
         self.first_step_seconds: float | None = None
 
@@ -127,7 +128,13 @@ class Trainer:
             logger.warning("The %s fused loss makes no logits, so train metrics are skipped; they still run at eval.",
                            path)
         # The default loss runs fused on hidden states; a custom loss or train metrics need the logits.
-        self.loss_path = None if compute_loss_func is not None or (train_metrics and path == "torch") else path
+        logits_needed = compute_loss_func is not None or (train_metrics and path == "torch")
+        if not supports_fused_loss(model):
+            if path != "torch":
+                raise ValueError(f"The {path} fused loss needs the model's hidden states and output weight; see "
+                                 f"timl.kernels.supports_fused_loss.")
+            logits_needed = True
+        self.loss_path = None if logits_needed else path
         self.train_metrics_on = self.loss_path is None
         active.append(f"loss: {self.loss_path or 'logits'}" + (", compiled with the model" if args.torch_compile else ""))
         logger.info("Kernels: %s.", "; ".join(active))
@@ -192,7 +199,7 @@ class Trainer:
         if path is None:
             logger.warning("No checkpoint in %s yet: starting from the beginning.", self.args.output_dir)
             return 0, {}
-        saved = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+        saved = self.checkpointer.load(path, model=self.model, optimizers=self.optim,
                                        loader=self.train_loader)
         self.checkpointer.restore_rng(path)
         logger.info("Resumed from %s at step %d.", path, saved["step"])
@@ -203,7 +210,7 @@ class Trainer:
         state = {"tokens": step * self.args.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
                  "data_order": {key: getattr(self.args, key) for key in checkpoint.DATA_ORDER_KEYS},
                  **self.run_config(self.total_steps)}
-        self.checkpointer.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+        self.checkpointer.save(step, model=self.model, optimizers=self.optim,
                                loader=self.train_loader, state=state, final=final)
 
     def stop_for_preemption(self, step: int, guard: PreemptionGuard) -> None:
@@ -243,14 +250,12 @@ class Trainer:
 
     def prepare(self, total_steps: int) -> None:
         """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
-        if self.optimizer is None:
-            self.optimizer = create_optimizer(self.model, self.args)
-        if self.scheduler is None:
-            self.scheduler = create_scheduler(self.optimizer, self.args, total_steps)
+        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args, total_steps, self.given_optimizers)
         training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.kernel_kwargs(),
-                                       self.args.forward_kwargs, return_outputs=bool(self.train_metrics))
+                                       self.args.forward_kwargs, return_outputs=bool(self.train_metrics),
+                                       z_loss_coefficient=self.args.z_loss_coefficient)
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
-        self.training_model, self.optimizer = self.accelerator.prepare(training, self.optimizer)
+        self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
         # Compiling the prepared module puts autocast, the model and the loss into one graph.
         self.forward_loss = torch.compile(self.training_model) if self.args.torch_compile else self.training_model
         self.total_steps = total_steps
@@ -276,24 +281,28 @@ class Trainer:
         num_items, stop_votes = accelerator.reduce(local, reduction="sum")
         num_items = num_items.clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
+        step_z_loss = torch.zeros((), device=accelerator.device)
         for index, inputs in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(self.training_model):
-                loss, outputs = self.forward_loss(inputs, num_items)
+                loss, z_loss, outputs = self.forward_loss(inputs, num_items)
                 # DDP averages gradients over processes; the shares are meant to be summed.
                 accelerator.backward(loss * accelerator.num_processes)
-            step_loss += loss.detach()
+            step_loss += loss.detach() - z_loss
+            step_z_loss += z_loss
             if self.train_metrics_on:
                 for metric in self.train_metrics:
                     metric.update(outputs, inputs)
         grad_norm = torch.zeros(())
         if self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-        learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(step_loss, grad_norm, learning_rate, stop_votes, data_seconds)
+        learning_rates = {f"lr_{name}": scheduler.get_last_lr()[0]
+                          for name, scheduler in zip(self.optim.names, self.optim.schedulers)}
+        for optimizer, scheduler in zip(self.optim.optimizers, self.optim.schedulers):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return StepResult(torch.stack([step_loss, step_z_loss]), grad_norm, learning_rates, stop_votes, data_seconds)
 
     def finish_first_step(self, window: _LogWindow) -> float:
         """The first step compiles; its time is reported on its own and kept out of the throughput."""
@@ -305,10 +314,12 @@ class Trainer:
 
     def train_log_values(self, window: _LogWindow, step: int) -> dict[str, float]:
         accelerator = self.accelerator
-        loss = accelerator.reduce(window.loss_sum, reduction="sum").item() / window.steps
+        loss, z_loss = (accelerator.reduce(window.loss_sum, reduction="sum") / window.steps).tolist()
         values = {
             "train_loss": loss,
-            "lr": window.learning_rate,
+            **({"train_z_loss": z_loss} if self.args.z_loss_coefficient else {}),
+            "lr": next(iter(window.learning_rates.values())),
+            **(window.learning_rates if len(window.learning_rates) > 1 else {}),
             "grad_norm": float(window.grad_norm),
             "tokens": step * self.args.tokens_per_step,
             **(report(self.train_metrics, accelerator, "train_") if self.train_metrics_on else {}),
@@ -361,9 +372,9 @@ def _every(step: int, interval: int) -> bool:
 class StepResult:
     """One optimizer step's outcome, still on the device where it can be."""
 
-    loss: torch.Tensor
+    loss: torch.Tensor  # [cross-entropy, z-loss], each the global mean over labelled tokens
     grad_norm: torch.Tensor
-    learning_rate: float
+    learning_rates: dict[str, float]
     stop_votes: torch.Tensor
     data_seconds: float
 
@@ -376,7 +387,7 @@ class _LogWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum = torch.zeros(2, device=self.device)  # cross-entropy and z-loss
         self.steps = 0
         self.restart_clock()
 
@@ -387,7 +398,7 @@ class _LogWindow:
 
     def add(self, result: StepResult) -> None:
         self.loss_sum += result.loss
-        self.grad_norm, self.learning_rate = result.grad_norm, result.learning_rate
+        self.grad_norm, self.learning_rates = result.grad_norm, result.learning_rates
         self.steps += 1
         self.timed_steps += 1
         self.data_seconds += result.data_seconds

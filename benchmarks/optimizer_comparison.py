@@ -1,0 +1,68 @@
+"""AdamW against Muon + AdamW on GPT-2 124M: the same tokens, the same model, eval loss against tokens and seconds.
+
+    python benchmarks/optimizer_comparison.py --train "data/python_docs/train_*.bin" \
+        --eval "data/python_docs/validation_*.bin" --out comparison.md
+
+Both runs use timl's real Trainer in this one process, one after the other, compiled, bf16 and vocab padded to 64.
+The learning rates are each optimizer's usual ones: AdamW 6e-4 (GPT-2 small's), Muon 0.02 with AdamW 6e-4 for the
+embeddings, head, norms and biases (modded-nanogpt's split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from timl.arguments import TrainingArguments
+from timl.models import build_config, build_model
+from timl.trainer import Trainer
+
+
+def run(optim: str, options: argparse.Namespace, output_dir: str) -> list[dict]:
+    set_seed(0)
+    model = build_model(build_config("gpt2"))
+    args = TrainingArguments(
+        output_dir=output_dir, train_file_pattern=options.train, eval_file_pattern=options.eval, block_size=1024,
+        train_batch_size=options.batch, per_device_train_batch_size=options.batch, per_device_eval_batch_size=8,
+        max_train_steps=options.steps, eval_every_steps=options.eval_every, log_every_steps=options.eval_every,
+        save_every_steps=0, report_to="none", optim=optim, learning_rate=6e-4, weight_decay=0.0, warmup_steps=10,
+        lr_scheduler_type="cosine", torch_compile=True, pad_vocab_size_to=64, seed=0)
+    Trainer(model, args).train()
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def curve(records: list[dict], tokens_per_step: int) -> list[tuple[int, float, float]]:
+    return [(r["step"] * tokens_per_step, r["elapsed_seconds"], r["eval_loss"]) for r in records if "eval_loss" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", required=True, help="glob of train shards")
+    parser.add_argument("--eval", required=True, help="glob of eval shards")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 1024 tokens a step")
+    parser.add_argument("--eval_every", type=int, default=10, help="evaluate every this many steps")
+    parser.add_argument("--out", default="optimizer_comparison.md", help="Markdown file to write")
+    options = parser.parse_args()
+    curves = {}
+    for optim in ("adamw_torch_fused", "muon"):
+        with tempfile.TemporaryDirectory() as output_dir:
+            curves[optim] = curve(run(optim, options, output_dir), options.batch * 1024)
+        torch.cuda.empty_cache()
+    rows = ["| tokens | AdamW eval loss | AdamW s | Muon + AdamW eval loss | Muon + AdamW s |", "|---:|---:|---:|---:|---:|"]
+    for (tokens, adamw_s, adamw), (_, muon_s, muon) in zip(curves["adamw_torch_fused"], curves["muon"]):
+        rows.append(f"| {tokens:,} | {adamw:.4f} | {adamw_s:.1f} | {muon:.4f} | {muon_s:.1f} |")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    text = f"device: {device}, torch {torch.__version__}\n\n" + "\n".join(rows) + "\n"
+    Path(options.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
