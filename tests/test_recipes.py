@@ -24,5 +24,23 @@ def test_quickstart_makes_its_shards_and_trains_under_accelerate_launch_with_the
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 3]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
-    assert "Quickstart done" in result.stdout
+    assert "Quickstart done" in result.stdout and "best eval loss" in result.stdout
+    assert "--resume_from_checkpoint latest" in result.stdout
     assert (tmp_path / "run" / "main" / "model.safetensors").exists()
+
+
+def test_the_custom_gpt_recipe_trains_a_self_written_model(tmp_path):
+    from conftest import write_learnable_shards
+
+    write_learnable_shards(tmp_path, 4096, "train")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "recipes" / "custom_gpt.py"), "--vocab_size", "64", "--n_layer", "1",
+               "--n_embd", "32", "--n_head", "2", "--max_positions", "16", "--train_file_pattern",
+               str(tmp_path / "train_*.bin"), "--output_dir", str(tmp_path / "run"), "--block_size", "16",
+               "--train_batch_size", "8", "--per_device_train_batch_size", "8", "--max_train_steps", "4",
+               "--log_every_steps", "1", "--report_to", "none", "--optim", "muon"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "train_loss" in r] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "main" / "model.safetensors").exists()
+    assert "best eval loss" not in result.stdout and "trained on 512 tokens" in result.stdout

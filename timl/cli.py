@@ -8,6 +8,7 @@ import sys
 # Subcommand -> module whose main(argv) runs it. Modules are imported only when asked for, so `timl --help` is quick.
 SUBCOMMANDS = {
     "tokenize": ("timl.tokenize", "turn a text dataset into token shards"),
+    "plot": ("timl.plot", "draw PNG figures of runs from their metrics.jsonl"),
 }
 
 

@@ -6,12 +6,10 @@ token-weighted means under gradient accumulation and DDP, evaluation, metrics, t
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -32,6 +30,8 @@ from timl.optim import OptimizerSet, build_optimizer_set
 from timl.preemption import PreemptionGuard
 from timl.provenance import provenance
 from timl.run_log import RunLog
+from timl.summary import RunSummary
+from timl.window import LogWindow, StepResult
 from timl.throughput import flops_per_token, peak_flops
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class Trainer:
         self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
         self.flops_per_token = flops_per_token(model, args.block_size)
         self.first_step_seconds: float | None = None
+        self.summary = RunSummary()
+        self.stopped = False
 
     def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
                       train_metrics: Sequence[Metric]) -> list[str]:
@@ -151,7 +153,7 @@ class Trainer:
         self.run_log = RunLog(args, accelerator, self.run_config(total_steps),
                               resumed_step=start_step if saved else None, run_ids=saved.get("tracker_run_ids"))
         progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, unit="step")
-        window, latest = _LogWindow(accelerator.device), {}
+        window, latest = LogWindow(accelerator.device), {}
         with PreemptionGuard() as guard:
             for step in range(start_step, total_steps + 1):
                 last_step = step == total_steps
@@ -179,11 +181,12 @@ class Trainer:
         self.finish()
         return latest
 
-    def log(self, compute: Callable[[], dict[str, float]], window: _LogWindow | None, step: int) -> dict[str, float]:
+    def log(self, compute: Callable[[], dict[str, float]], window: LogWindow | None, step: int) -> dict[str, float]:
         """Computes values (outside the train-time window if one is given) and logs them at `step`."""
         with window.excluded() if window is not None else nullcontext():
             values = compute()
         self.run_log.log(values, step)
+        self.summary.observe(values, step)
         return values
 
     def run_config(self, total_steps: int) -> dict[str, Any]:
@@ -214,6 +217,7 @@ class Trainer:
                                loader=self.train_loader, state=state, final=final)
 
     def stop_for_preemption(self, step: int, guard: PreemptionGuard) -> None:
+        self.stopped = True
         self.save(step, final=False)
         if self.uploader is not None:
             self.uploader.close(timeout=self.args.preemption_upload_seconds)
@@ -226,6 +230,15 @@ class Trainer:
         if self.uploader is not None:
             self.uploader.close()  # waits for every pending upload, and logs any that failed
         self.run_log.close()
+        if self.accelerator.is_main_process:
+            args = self.args
+            target = None if not args.push_to_hub else (
+                f"https://huggingface.co/{args.hub_model_id} (branches step{{N}} and main)" if args.hub_target == "hub"
+                else f"{args.hub_target}/<revision>/")
+            print(self.summary.render(output_dir=args.output_dir, flops_per_token=self.flops_per_token,
+                                      peak_flops=peak_flops(self.accelerator.device),
+                                      processes=self.accelerator.num_processes, upload_target=target,
+                                      stopped=self.stopped), flush=True)
 
     def count_steps(self, loader: Iterator[Any]) -> int:
         """Optimizer steps to run: from --max_train_steps or --max_train_tokens, never beyond the data."""
@@ -304,7 +317,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         return StepResult(torch.stack([step_loss, step_z_loss]), grad_norm, learning_rates, stop_votes, data_seconds)
 
-    def finish_first_step(self, window: _LogWindow) -> float:
+    def finish_first_step(self, window: LogWindow) -> float:
         """The first step compiles; its time is reported on its own and kept out of the throughput."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -312,7 +325,7 @@ class Trainer:
         window.restart_clock()
         return seconds
 
-    def train_log_values(self, window: _LogWindow, step: int) -> dict[str, float]:
+    def train_log_values(self, window: LogWindow, step: int) -> dict[str, float]:
         accelerator = self.accelerator
         loss, z_loss = (accelerator.reduce(window.loss_sum, reduction="sum") / window.steps).tolist()
         values = {
@@ -329,6 +342,7 @@ class Trainer:
         seconds = window.train_seconds()
         if window.timed_steps:
             tokens_per_second = window.timed_steps * self.args.tokens_per_step / seconds
+            self.summary.add_timing(window.timed_steps * self.args.tokens_per_step, seconds)
             values.update(tokens_per_second=tokens_per_second, step_seconds=seconds / window.timed_steps,
                           data_wait_fraction=window.data_seconds / seconds)
             peak = peak_flops(accelerator.device)
@@ -366,52 +380,3 @@ def start_uploader(args: TrainingArguments) -> Any:
 
 def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
-
-
-@dataclass
-class StepResult:
-    """One optimizer step's outcome, still on the device where it can be."""
-
-    loss: torch.Tensor  # [cross-entropy, z-loss], each the global mean over labelled tokens
-    grad_norm: torch.Tensor
-    learning_rates: dict[str, float]
-    stop_votes: torch.Tensor
-    data_seconds: float
-
-
-class _LogWindow:
-    """What accumulates between two log lines: loss on the device, and train time without evals and saves."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros(2, device=self.device)  # cross-entropy and z-loss
-        self.steps = 0
-        self.restart_clock()
-
-    def restart_clock(self) -> None:
-        """Times from now: the steps before (compilation, warm-up) stay out of the throughput."""
-        self.timed_steps, self.excluded_seconds, self.data_seconds = 0, 0.0, 0.0
-        self.start = time.perf_counter()
-
-    def add(self, result: StepResult) -> None:
-        self.loss_sum += result.loss
-        self.grad_norm, self.learning_rates = result.grad_norm, result.learning_rates
-        self.steps += 1
-        self.timed_steps += 1
-        self.data_seconds += result.data_seconds
-
-    def train_seconds(self) -> float:
-        # Called after the loss's .item(), so the device has finished the window's work.
-        return time.perf_counter() - self.start - self.excluded_seconds
-
-    @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
-        """Time spent inside does not count as training time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded_seconds += time.perf_counter() - start
