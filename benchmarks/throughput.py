@@ -57,10 +57,14 @@ def random_tokens(count: int) -> np.ndarray:
     return np.random.default_rng(SEED).integers(0, GPT2_VOCAB, count, dtype=np.uint16)
 
 
+CONFIG_OVERRIDES: list[str] = []  # --config_overrides, applied to every variant's model
+
+
 def new_model(vocab_size: int | None = None) -> torch.nn.Module:
     """Built as timl's recipe builds it (so every variant trains the same model), on the CPU."""
     set_seed(SEED)
-    return build_model(build_config("gpt2", f"vocab_size={vocab_size}" if vocab_size else None))
+    overrides = CONFIG_OVERRIDES + ([f"vocab_size={vocab_size}"] if vocab_size else [])
+    return build_model(build_config("gpt2", ",".join(overrides) or None))
 
 
 class StepTimer:
@@ -306,6 +310,8 @@ def parse_options() -> argparse.Namespace:
                                      epilog="variants: " + ", ".join(f"{k} ({v[0]})" for k, v in VARIANTS.items()))
     parser.add_argument("--variants", default=",".join(n for n in VARIANTS if n not in OPTIONAL),
                         help=f"comma list of variants, or 'all' (default: all but {', '.join(OPTIONAL)})")
+    parser.add_argument("--config_overrides", default="", help="GPT-2 config changes for every variant, e.g. "
+                                                                  "'resid_pdrop=0,embd_pdrop=0,attn_pdrop=0'")
     parser.add_argument("--warmup", type=int, default=8, help="warm-up steps, timed apart")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--batch", type=int, default=32, help="sequences of 1024 tokens a step")
@@ -315,6 +321,8 @@ def parse_options() -> argparse.Namespace:
         Path(__file__).parent / "throughput_latest.md"
     parser.add_argument("--out", type=Path, default=default_out, help="Markdown file (default: %(default)s)")
     options = parser.parse_args()
+    if options.config_overrides:
+        CONFIG_OVERRIDES.append(options.config_overrides)
     options.names = list(VARIANTS) if options.variants == "all" else options.variants.split(",")
     unknown = [name for name in options.names if name not in VARIANTS]
     if unknown:
