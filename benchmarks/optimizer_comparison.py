@@ -19,7 +19,7 @@ import torch
 from transformers import set_seed
 
 from timl.arguments import TrainingArguments
-from timl.models import build_config, build_model
+from timl.modeling import build_config, build_model
 from timl.trainer import Trainer
 
 

@@ -14,9 +14,9 @@ import argparse
 import torch
 from transformers import set_seed
 
-from timl.kernels import CausalLMForTraining, pad_vocab
+from timl.modeling import CausalLMForTraining, pad_vocab, read_head
 from timl.losses import next_token_loss
-from timl.models import build_config, build_model
+from timl.modeling import build_config, build_model
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     set_seed(0)
     model = build_model(build_config("gpt2")).cuda()
     pad_vocab(model, 64)
-    training = CausalLMForTraining(model, next_token_loss, "torch", {}, {}, return_outputs=False)
+    training = CausalLMForTraining(model, next_token_loss, "full", read_head(model), {}, {}, return_outputs=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
 
     @torch.compile

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import set_seed
 
-from timl.models import build_config, build_model
+from timl.modeling import build_config, build_model
 from timl.provenance import git_commit, library_versions
 from timl.shards import write_shard
 from timl.throughput import flops_per_token, peak_flops

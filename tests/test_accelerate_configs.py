@@ -27,3 +27,29 @@ def test_every_key_carries_a_comment(path):
     for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"{path.name}: no comment on {line!r}"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2"])
+def test_the_fsdp_config_wraps_each_models_own_block(model_type, monkeypatch):
+    """fsdp.yaml names no block class: Accelerate takes it from the model timl prepares, which forwards the inner
+    model's _no_split_modules."""
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from timl.losses import next_token_loss
+    from timl.modeling import CausalLMForTraining
+
+    settings = yaml.safe_load((CONFIGS[0].parent / "fsdp.yaml").read_text())["fsdp_config"]
+    assert "fsdp_transformer_layer_cls_to_wrap" not in settings
+    for key, value in settings.items():  # as `accelerate launch` hands the config to the processes
+        monkeypatch.setenv(key.upper(), str(value))
+    plugin = FullyShardedDataParallelPlugin()
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, n_embd=32, n_layer=2, n_head=2)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
+    wrapper = CausalLMForTraining(model, next_token_loss, "logits", None, {}, {}, return_outputs=False)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, wrapper)
+    wrapped = {type(module).__name__ for module in wrapper.modules() if policy(module)}
+    assert wrapped == set(model._no_split_modules) and wrapped

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.arguments import TrainingArguments
-from timl.kernels import CausalLMForTraining, choose_loss_path, linear_cross_entropy_sum, pad_vocab
+from timl.kernels import available
+from timl.losses import linear_cross_entropy
+from timl.modeling import CausalLMForTraining, Head, pad_vocab
 from timl.losses import next_token_loss
-from timl.models import build_config, build_model
+from timl.modeling import build_config, build_model
 from timl.recipe import ModelArguments, pretrain
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -27,7 +29,7 @@ def test_padded_rows_get_no_probability_mass_and_no_gradient():
     weight = torch.randn(64, 16, requires_grad=True)
     labels = torch.randint(0, 60, (40,))
     labels[3] = -100
-    padded, _ = linear_cross_entropy_sum(hidden, weight, labels, vocab_size=60)
+    padded, _ = linear_cross_entropy(hidden, weight, labels, vocab_size=60)
     padded.backward()
     reference = F.cross_entropy(hidden @ weight[:60].T, labels, ignore_index=-100, reduction="sum")
     assert padded.item() == pytest.approx(reference.item(), rel=1e-6)
@@ -39,8 +41,8 @@ def test_the_fused_torch_path_equals_the_logits_path_of_the_same_model():
     model = build_model(build_config("gpt2", TINY_GPT2))
     inputs = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
     count = torch.tensor(32.0)
-    fused = CausalLMForTraining(model, next_token_loss, "torch", {}, {}, return_outputs=False)(inputs, count)[0]
-    plain = CausalLMForTraining(model, next_token_loss, None, {}, {}, return_outputs=False)(inputs, count)[0]
+    fused = CausalLMForTraining(model, next_token_loss, "full", Head(), {}, {}, return_outputs=False)(inputs, count)[0]
+    plain = CausalLMForTraining(model, next_token_loss, "logits", None, {}, {}, return_outputs=False)(inputs, count)[0]
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
@@ -51,11 +53,15 @@ def test_pad_vocab_states_both_sizes_in_the_config():
     assert model.get_output_embeddings().weight.shape[0] == 64
 
 
-@pytest.mark.parametrize("flags", [(True, False), (False, True)])
-def test_a_missing_package_or_cuda_falls_back_to_the_plain_loss_and_says_so(flags, caplog):
+@pytest.mark.parametrize("path", ["liger", "cut_cross_entropy"])
+def test_a_fused_kernel_without_cuda_falls_back_to_the_default_path_and_says_so(path, caplog):
+    from timl.modeling import choose_loss_path
+
+    assert available(path, torch.device("cpu")) is not None
+    model = build_model(build_config("gpt2", TINY_GPT2))
     with caplog.at_level(logging.WARNING):
-        assert choose_loss_path(*flags, torch.device("cpu")) == "torch"
-    assert "training on the plain torch loss" in caplog.text
+        assert choose_loss_path(model, path, torch.device("cpu"), {}) == ("full", Head())
+    assert "training on the default loss path instead" in caplog.text
 
 
 def test_training_on_a_padded_vocab_saves_the_padded_config_and_evaluates_the_real_vocab(tmp_path):
@@ -83,7 +89,8 @@ def test_training_on_a_padded_vocab_saves_the_padded_config_and_evaluates_the_re
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize(("vocab", "rows"), [(50257, 50257), (50304, 50304), (50257, 50304)])
-@pytest.mark.parametrize("path", ["torch", "torch_compiled", "cut_cross_entropy", "cut_cross_entropy:cce", "liger"])
+@pytest.mark.parametrize("path", ["full", "full_compiled", "chunked", "chunked_compiled", "cut_cross_entropy",
+                                  "cut_cross_entropy:cce", "liger"])
 def test_loss_paths_match_an_fp32_reference_on_the_gpu(path, vocab, rows):
     """rows > vocab: a padded output embedding, whose extra rows must get no probability mass."""
     name, _, impl = path.partition(":")
@@ -100,10 +107,9 @@ def test_loss_paths_match_an_fp32_reference_on_the_gpu(path, vocab, rows):
         reference = F.cross_entropy(reference_h @ reference_w[:vocab].T, labels, ignore_index=-100, reduction="sum")
         reference.backward()
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        function = linear_cross_entropy_sum
-        if name == "torch_compiled":
-            function = torch.compile(linear_cross_entropy_sum)
-        loss, _ = function(h, w, labels, vocab, name.replace("_compiled", ""), {"impl": impl} if impl else {})
+        function = torch.compile(linear_cross_entropy) if name.endswith("_compiled") else linear_cross_entropy
+        loss, _ = function(h, w, labels, vocab_size=vocab, path=name.removesuffix("_compiled"),
+                           kwargs={"impl": impl} if impl else {})
         loss.backward()
         relative = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
         errors["forward"] = max(errors["forward"], abs(loss.item() - reference.item()) / abs(reference.item()))

@@ -18,8 +18,8 @@ import yaml
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.arguments import TrainingArguments, parse_args
 from timl.checkpoint import load_weights
-from timl.kernels import linear_cross_entropy_sum
-from timl.models import build_config, build_model
+from timl.losses import linear_cross_entropy
+from timl.modeling import build_config, build_model
 from timl.optim import check_groups, create_optimizers, parameter_kinds
 from timl.recipe import ModelArguments, pretrain
 from timl.trainer import Trainer
@@ -134,7 +134,7 @@ def test_two_optimizers_with_their_own_schedules_resume_exactly(data):
 TWO_RANK_MUON = textwrap.dedent("""
     import json, sys, torch
     from timl.arguments import TrainingArguments
-    from timl.models import build_config, build_model
+    from timl.modeling import build_config, build_model
     from timl.trainer import Trainer
     data, out, overrides = sys.argv[1:4]
     torch.manual_seed(int(__import__("os").environ["RANK"]))  # different initial weights on each rank
@@ -166,7 +166,7 @@ def test_z_loss_adds_the_expected_amount_on_a_known_input():
     hidden = torch.zeros(5, 8)  # zero logits: every token's log-normaliser is ln(vocab)
     weight = torch.randn(16, 8)
     labels = torch.tensor([1, 2, 3, -100, 4])
-    cross_entropy, z_loss = linear_cross_entropy_sum(hidden, weight, labels, 16, z_loss_coefficient=1e-2)
+    cross_entropy, z_loss = linear_cross_entropy(hidden, weight, labels, vocab_size=16, z_loss_coefficient=1e-2)
     assert cross_entropy.item() == pytest.approx(4 * math.log(16), rel=1e-6)
     assert z_loss.item() == pytest.approx(4 * 1e-2 * math.log(16) ** 2, rel=1e-6)
 

@@ -95,9 +95,17 @@ class TrainingArguments:
                                                   "the last checkpoint is saved.")
 
     forward_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of extra keyword arguments for model.forward.")
-    use_liger_kernel: bool = _arg(False, "Use Liger's kernels where they fit the model.")
+    loss_implementation: str = _arg("auto", "How the training loss is computed: auto (the fastest exact path), "
+                                            "logits (the model's own forward), full (the model's head on its hidden "
+                                            "states, in one piece), chunked (the same, a chunk of tokens at a time: "
+                                            "no full logits), liger or cut_cross_entropy (fused kernels, CUDA). "
+                                            "Every path gives the model's own loss: a head it cannot reproduce "
+                                            "falls back to logits, said once.")
+    use_liger_kernel: bool = _arg(False, "Use Liger's kernels where they fit the model, and its fused loss "
+                                         "(--loss_implementation liger).")
     liger_kernel_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of arguments for Liger's patching.")
-    use_cut_cross_entropy: bool = _arg(False, "Use Cut Cross-Entropy's fused linear cross-entropy loss.")
+    use_cut_cross_entropy: bool = _arg(False, "Use Cut Cross-Entropy's fused linear cross-entropy loss "
+                                              "(--loss_implementation cut_cross_entropy).")
     cut_cross_entropy_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of arguments for Cut Cross-Entropy.")
 
     resume_from_checkpoint: str | None = _arg(None, "A checkpoint folder, or 'latest', to continue from.")
@@ -164,7 +172,17 @@ class TrainingArguments:
         unknown = set(self.trackers) - {t.value for t in LoggerType}
         if unknown:
             problems.append(f"--report_to names unknown trackers: {', '.join(sorted(unknown))}")
-        if self.z_loss_coefficient and self.use_cut_cross_entropy:
+        from timl.losses import LOSS_PATHS
+
+        if self.loss_implementation not in ("auto", *LOSS_PATHS):
+            problems.append(f"--loss_implementation {self.loss_implementation!r} is not one of auto, "
+                            f"{', '.join(LOSS_PATHS)}")
+        flags = [name for name, on in (("liger", self.use_liger_kernel),
+                                       ("cut_cross_entropy", self.use_cut_cross_entropy)) if on]
+        if len(flags) > 1 or flags and self.loss_implementation not in ("auto", flags[0]):
+            problems.append(f"--use_liger_kernel, --use_cut_cross_entropy and --loss_implementation "
+                            f"{self.loss_implementation} ask for different loss paths: pick one")
+        if self.z_loss_coefficient and self.requested_loss_path == "cut_cross_entropy":
             problems.append("--z_loss_coefficient does not work with --use_cut_cross_entropy, which has no z-loss")
         if self.z_loss_coefficient < 0:
             problems.append(f"--z_loss_coefficient must be 0 or more, got {self.z_loss_coefficient}")
@@ -193,6 +211,15 @@ class TrainingArguments:
     @property
     def gradient_accumulation_steps(self) -> int:
         return self.train_batch_size // (self.per_device_train_batch_size * self.world_size)
+
+    @property
+    def requested_loss_path(self) -> str:
+        """--loss_implementation, with --use_liger_kernel and --use_cut_cross_entropy as its two shorthands."""
+        if self.use_liger_kernel:
+            return "liger"
+        if self.use_cut_cross_entropy:
+            return "cut_cross_entropy"
+        return self.loss_implementation
 
     @property
     def tokens_per_step(self) -> int:

@@ -50,7 +50,13 @@ class TokenAverage:
         labels = inputs["labels"].flatten()
         keep = labels != IGNORE_INDEX
         logits = outputs.logits.flatten(0, -2)[keep]
-        self.total = self.total + self.per_token(logits, labels[keep]).float().sum()
+        self.add(self.per_token(logits, labels[keep]), labels[keep])
+
+    @torch.no_grad()
+    def add(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        """Adds per-token values [tokens]; positions whose label is IGNORE_INDEX are left out."""
+        keep = labels.flatten() != IGNORE_INDEX
+        self.total = self.total + values.flatten()[keep].float().sum()
         self.count = self.count + keep.sum()
 
     def gather(self, accelerator: Any) -> None:

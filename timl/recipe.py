@@ -1,4 +1,5 @@
-"""What every recipe shares: the model arguments, and building a fresh model before handing it to the Trainer."""
+"""What every recipe shares: the model arguments, and building (or loading) the model before handing it to the
+Trainer."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers.trainer_utils import set_seed
 
 from timl.arguments import TrainingArguments
-from timl.models import build_config, build_model, max_positions
+from timl.modeling import ATTENTION_CHOICES, build_config, build_model, load_pretrained, max_positions
 from timl.trainer import Trainer
 
 
@@ -17,22 +19,42 @@ from timl.trainer import Trainer
 class ModelArguments:
     """Which model to pre-train."""
 
-    model_name: str = field(default="gpt2", metadata={"help": "gpt2, gpt2-medium, gpt2-large or gpt2-xl (built "
-                                                               "locally, no network), or a Hub id or local folder."})
+    model_name: str = field(default="gpt2", metadata={"help": (
+        "The config to build a fresh model from: gpt2, gpt2-medium, gpt2-large, gpt2-xl or llama-3.2-1b (built "
+        "locally, no network), a transformers model type such as llama, qwen2 or gemma2 (its default config), a "
+        "local folder, or a Hub id. The weights are always fresh; see --from_pretrained.")})
     config_overrides: str | None = field(default=None, metadata={"help": "Changes to the config, as in "
                                                                         "transformers' run_clm: 'n_layer=2,n_embd=64'."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    from_pretrained: str | None = field(default=None, metadata={"help": (
+        "Start from these weights instead (continued pre-training): a local folder or a Hub id, loaded with "
+        "from_pretrained. Its config is used, with --config_overrides; --model_name is then ignored.")})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": f"Attention: {', '.join(ATTENTION_CHOICES)}. Default: what transformers picks for the model "
+                f"(sdpa where the model supports it).", "choices": [None, *ATTENTION_CHOICES]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives in their Hub "
+                                                                     "repo or folder (transformers' flag)."})
 
 
-def pretrain(model_args: ModelArguments, args: TrainingArguments, **trainer_kwargs: Any) -> dict[str, float]:
-    """Builds the model from scratch and trains it; returns the last logged values."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(model_args.model_name, model_args.config_overrides)
+def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.Module:
+    """The model the arguments describe: fresh weights from a config, or loaded ones."""
+    if model_args.from_pretrained:
+        model = load_pretrained(model_args.from_pretrained, model_args.attn_implementation,
+                                model_args.trust_remote_code, model_args.config_overrides)
+        config = model.config
+    else:
+        config = build_config(model_args.model_name, model_args.config_overrides, model_args.trust_remote_code)
     positions = max_positions(config)
     if positions is not None and args.block_size > positions:
         raise ValueError(f"--block_size {args.block_size} exceeds the model's {positions} positions; lower it or "
                          f"raise them with --config_overrides.")
+    if model_args.from_pretrained:
+        return model
     # Seeded before the model is built, so every run of the same arguments starts from the same weights.
     set_seed(args.seed)
-    model = build_model(config, model_args.attn_implementation)
-    return Trainer(model, args, **trainer_kwargs).train()
+    return build_model(config, model_args.attn_implementation, model_args.trust_remote_code)
+
+
+def pretrain(model_args: ModelArguments, args: TrainingArguments, **trainer_kwargs: Any) -> dict[str, float]:
+    """Builds the model (or loads it) and trains it; returns the last logged values."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Trainer(make_model(model_args, args), args, **trainer_kwargs).train()

@@ -21,8 +21,8 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from timl import checkpoint
 from timl.arguments import TrainingArguments
-from timl.kernels import (CausalLMForTraining, apply_liger, choose_loss_path, logits_outputs, pad_vocab,
-                          real_vocab_size, supports_fused_loss)
+from timl.kernels import apply_liger
+from timl.modeling import CausalLMForTraining, choose_loss_path, pad_vocab, real_vocab_size
 from timl.loader import BatchLoader, ShardLoader
 from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
 from timl.metrics import CrossEntropy, Metric, report
@@ -120,25 +120,20 @@ class Trainer:
         if args.pad_vocab_size_to:
             pad_vocab(model, args.pad_vocab_size_to)
             active.append(f"vocab padded to {model.config.vocab_size}")
-        path = choose_loss_path(args.use_liger_kernel, args.use_cut_cross_entropy, self.accelerator.device)
-        if path != "torch" and compute_loss_func is not None:
-            raise ValueError(f"compute_loss_func needs the model's logits, which the {path} fused loss never makes: "
-                             f"drop --use_liger_kernel / --use_cut_cross_entropy, or the custom loss.")
-        if path == "liger":
+        requested = args.requested_loss_path
+        needed_by = "the custom compute_loss_func" if compute_loss_func is not None else None
+        if train_metrics and requested == "auto":
+            needed_by = needed_by or "the train metrics"
+        self.loss_path, self.head = choose_loss_path(model, requested, self.accelerator.device, args.forward_kwargs,
+                                                     logits_needed_by=needed_by)
+        if self.loss_path != "logits" and train_metrics:
+            logger.warning("The %s loss path makes no logits, so train metrics are skipped; they still run at eval.",
+                           self.loss_path)
+        if self.loss_path == "liger":
             active += apply_liger(model, args.liger_kernel_kwargs)
-        if path != "torch" and train_metrics:
-            logger.warning("The %s fused loss makes no logits, so train metrics are skipped; they still run at eval.",
-                           path)
-        # The default loss runs fused on hidden states; a custom loss or train metrics need the logits.
-        logits_needed = compute_loss_func is not None or (train_metrics and path == "torch")
-        if not supports_fused_loss(model):
-            if path != "torch":
-                raise ValueError(f"The {path} fused loss needs the model's hidden states and output weight; see "
-                                 f"timl.kernels.supports_fused_loss.")
-            logits_needed = True
-        self.loss_path = None if logits_needed else path
-        self.train_metrics_on = self.loss_path is None
-        active.append(f"loss: {self.loss_path or 'logits'}" + (", compiled with the model" if args.torch_compile else ""))
+        active.append(f"loss: {self.loss_path}" + (f" through the head ({self.head.describe()})" if self.head else "")
+                      + (", compiled with the model" if args.torch_compile else ""))
+        self.train_metrics_on = self.loss_path == "logits"
         logger.info("Kernels: %s.", "; ".join(active))
         return active
 
@@ -264,7 +259,7 @@ class Trainer:
     def prepare(self, total_steps: int) -> None:
         """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
         self.optim: OptimizerSet = build_optimizer_set(self.model, self.args, total_steps, self.given_optimizers)
-        training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.kernel_kwargs(),
+        training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.head, self.kernel_kwargs(),
                                        self.args.forward_kwargs, return_outputs=bool(self.train_metrics),
                                        z_loss_coefficient=self.args.z_loss_coefficient)
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
@@ -356,16 +351,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Eval metrics over the eval data, the same data each time (up to --max_eval_steps batches)."""
-        self.model.eval()
+        self.training_model.eval()
         loader = self.eval_loader_factory(self.args, self.accelerator)
         for index, inputs in enumerate(loader):
             if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
                 break
             with self.accelerator.autocast():
-                outputs = logits_outputs(self.model, inputs["input_ids"], self.args.forward_kwargs, self.vocab_size)
-            for metric in self.eval_metrics:
-                metric.update(outputs, inputs)
-        self.model.train()
+                # Through the prepared module, not the model inside it: FSDP gathers parameters in its forward.
+                self.training_model(inputs, None, self.eval_metrics)
+        self.training_model.train()
         return report(self.eval_metrics, self.accelerator, "eval_")
 
 

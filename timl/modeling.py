@@ -1,0 +1,338 @@
+"""Models: built from a config or loaded with weights, their output head described and checked, vocab padding, and
+the training forward that returns the loss.
+
+The head is the one place where causal LMs differ in ways a fused loss must copy. Most compute `hidden @ W.T`; some
+add a bias (Phi), scale the logits (Cohere, Granite, Falcon-H1) or softcap them (Gemma-2 and 3). timl reads what it
+can from the model, then checks at start-up, on a probe, that the head it will train through gives the model's own
+logits. When it does not, training runs on the model's own logits and says so: never on a different loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig
+
+from timl import losses
+
+logger = logging.getLogger(__name__)
+
+# GPT-2's four sizes, as OpenAI released them; GPT2Config() alone is gpt2 (124M).
+GPT2_SIZES = {
+    "gpt2": {},
+    "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "gpt2-large": {"n_embd": 1280, "n_layer": 36, "n_head": 20},
+    "gpt2-xl": {"n_embd": 1600, "n_layer": 48, "n_head": 25},
+}
+# Shapes of well-known releases, built locally (no download): the weights are fresh either way.
+LOCAL_CONFIGS = {
+    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                   rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+}
+ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "flex_attention", "eager")
+
+
+def build_config(model_name: str, config_overrides: str | None = None, trust_remote_code: bool = False,
+                 flag: str = "--model_name") -> PretrainedConfig:
+    """A config by name: GPT-2 sizes and LOCAL_CONFIGS are built locally, as is any transformers model type
+    ("llama", "gemma2", ...) with its default sizes; anything else is a local folder or a Hub id.
+
+    `config_overrides` is transformers' run_clm syntax, e.g. "n_layer=2,n_embd=64".
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    key = model_name.removeprefix("openai-community/")
+    if key in GPT2_SIZES:
+        config = GPT2Config(**GPT2_SIZES[key])
+    elif key in LOCAL_CONFIGS:
+        model_type, values = LOCAL_CONFIGS[key]
+        config = AutoConfig.for_model(model_type, **values)
+    elif key in CONFIG_MAPPING:
+        config = AutoConfig.for_model(key)
+    else:
+        config = _hub_call(AutoConfig.from_pretrained, model_name, flag, trust_remote_code=trust_remote_code)
+    if config_overrides:
+        try:
+            config.update_from_string(config_overrides)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"--config_overrides {config_overrides!r}: {error}") from None
+    return config
+
+
+def build_model(config: PretrainedConfig, attn_implementation: str | None = None,
+                trust_remote_code: bool = False) -> torch.nn.Module:
+    """A freshly initialised causal LM for the config: pre-training starts from scratch."""
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError) as error:
+        raise _attention_error(error, config.model_type, attn_implementation) from None
+
+
+def load_pretrained(name_or_path: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
+                    config_overrides: str | None = None) -> torch.nn.Module:
+    """A causal LM with its released or saved weights, for continued pre-training."""
+    config = build_config(name_or_path, config_overrides, trust_remote_code, flag="--from_pretrained")
+    try:
+        return _hub_call(AutoModelForCausalLM.from_pretrained, name_or_path, "--from_pretrained", config=config,
+                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError) as error:
+        raise _attention_error(error, config.model_type, attn_implementation) from None
+
+
+def _hub_call(function: Any, name: str, flag: str, **kwargs: Any) -> Any:
+    """Calls a from_pretrained; a name that is neither a folder nor reachable gets an error saying what to do."""
+    try:
+        return function(name, **kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {name!r}: not a local folder, and not found on the Hub or in its cache ({error}). Offline, "
+            f"download it beforehand (huggingface-cli download {name}) or pass a folder; a fresh model can also be "
+            f"built from a transformers model type such as 'llama' with --config_overrides.") from None
+
+
+def _attention_error(error: Exception, model_type: str, attn_implementation: str | None) -> ValueError:
+    if attn_implementation is None or "attn" not in str(error).lower() and "attention" not in str(error).lower():
+        return ValueError(str(error))
+    return ValueError(f"--attn_implementation {attn_implementation} does not work with {model_type}: {error} "
+                      f"Leave it unset to let transformers choose, or pick another of {', '.join(ATTENTION_CHOICES)}.")
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def real_vocab_size(model: torch.nn.Module) -> int | None:
+    """The vocab without padding, from the config (an object or, for custom models, a dict), if it says."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        return config.get("unpadded_vocab_size") or config.get("vocab_size")
+    return getattr(config, "unpadded_vocab_size", None) or getattr(config, "vocab_size", None)
+
+
+def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
+    """Pads the embeddings (and a tied or untied output head) to a multiple of `multiple` rows, for faster matmuls.
+
+    The config then states the padded size, so checkpoints load with from_pretrained; `unpadded_vocab_size` keeps
+    the real one, which the losses and metrics use.
+    """
+    real = real_vocab_size(model)
+    if real is None or real % multiple == 0:
+        return
+    model.resize_token_embeddings(real, pad_to_multiple_of=multiple, mean_resizing=False)
+    model.config.unpadded_vocab_size = real
+    logger.info("Padded the vocab from %d to %d rows.", real, model.config.vocab_size)
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the model does to `hidden @ weight.T` to make its logits: add `bias`, multiply by `scale`, then
+    softcap (`softcap · tanh(z / softcap)`)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    has_bias: bool = False
+
+    def describe(self) -> str:
+        parts = ["bias"] if self.has_bias else []
+        if self.scale != 1.0:
+            parts.append(f"scale {self.scale:g}")
+        if self.softcap is not None:
+            parts.append(f"softcap {self.softcap:g}")
+        return "matmul" + "".join(f" + {part}" for part in parts)
+
+
+def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The output projection's weight [vocab rows, hidden] and bias, or None if the model does not expose them."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        return head.weight, getattr(head, "bias", None)
+    if isinstance(getattr(model, "output_weight", None), torch.Tensor):
+        return model.output_weight, None
+    return None
+
+
+def read_head(model: torch.nn.Module) -> Head | None:
+    """The head as the model's attributes describe it, or None where the model has no hidden states and output
+    weight to fuse. `check_head` confirms it against the model's own logits."""
+    layer = output_layer(model)
+    if layer is None or not (hasattr(model, "base_model") or hasattr(model, "hidden_states")):
+        return None
+    config = getattr(model, "config", None)
+    scale = float(getattr(model, "logit_scale", None) or 1.0)  # Cohere keeps it on the model
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    inner = getattr(model, "base_model", None)
+    if getattr(inner, "lm_head_multiplier", None):  # Falcon-H1 multiplies
+        scale *= float(inner.lm_head_multiplier)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return Head(scale=scale, softcap=float(softcap) if softcap else None, has_bias=layer[1] is not None)
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's last hidden states: a custom model's `hidden_states(input_ids)`, or a Hugging Face model's
+    base model output."""
+    if hasattr(model, "hidden_states"):
+        return model.hidden_states(input_ids, **forward_kwargs)
+    return model.base_model(input_ids=input_ids, **forward_kwargs).last_hidden_state
+
+
+def model_outputs(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any],
+                  vocab_size: int | None) -> Any:
+    """The model's own outputs (with `.logits`), with the logits of padded vocab rows dropped."""
+    outputs = model(input_ids=input_ids, **forward_kwargs)
+    if isinstance(outputs, torch.Tensor):  # a custom model that returns its logits
+        outputs = SimpleNamespace(logits=outputs)
+    if vocab_size is not None and outputs.logits.shape[-1] > vocab_size:
+        outputs.logits = outputs.logits[..., :vocab_size]
+    return outputs
+
+
+def _without_cache(model: torch.nn.Module, forward_kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Training never reuses past keys and values: building the cache would only cost memory.
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        return {"use_cache": False, **forward_kwargs}
+    return dict(forward_kwargs)
+
+
+@torch.no_grad()
+def check_head(model: torch.nn.Module, head: Head, forward_kwargs: dict[str, Any], vocab_size: int | None,
+               length: int = 16, tolerance: float = 1e-4) -> str | None:
+    """Runs the model once on a fixed probe, in fp32 and eval mode, and compares its own logits with the head's
+    from its hidden states. Returns None when they agree, else what differs."""
+    forward_kwargs = _without_cache(model, forward_kwargs)
+    weight, bias = output_layer(model)
+    rows = vocab_size or weight.shape[0]
+    probe = torch.randint(0, rows, (1, length), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(weight.device.type, enabled=False):
+            own = model_outputs(model, probe, forward_kwargs, vocab_size).logits.float()
+            ours = losses.head_logits(hidden_states(model, probe, forward_kwargs), weight, bias, head.scale,
+                                      head.softcap)[..., :rows]
+    finally:
+        model.train(was_training)
+    if own.shape != ours.shape:
+        return f"the model's logits have shape {tuple(own.shape)}, the head's {tuple(ours.shape)}"
+    error = ((own - ours).norm() / own.norm().clamp(min=1e-30)).item()
+    if not math.isfinite(error) or error > tolerance:
+        return f"the head ({head.describe()}) is {error:.2e} off the model's own logits"
+    return None
+
+
+class CausalLMForTraining(torch.nn.Module):
+    """Wraps a causal LM so that one forward returns the training loss: what DDP or FSDP wraps and torch.compile
+    compiles, so the loss is compiled together with the model.
+
+    With a head path (`head` set), the decoder's last hidden states go through `losses.linear_cross_entropy` with
+    the checked head, by `loss_path`, and no logits are returned. Otherwise the model's own logits (padding columns
+    dropped) go to `loss_function(outputs, inputs, num_items_in_batch)`, and the outputs come back for the train
+    metrics when `return_outputs` is set. `evaluate` scores a batch without keeping full logits where it can.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_function: Any, loss_path: str, head: Head | None,
+                 loss_kwargs: dict[str, Any], forward_kwargs: dict[str, Any], return_outputs: bool,
+                 z_loss_coefficient: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.loss_function, self.loss_path, self.head, self.loss_kwargs = loss_function, loss_path, head, loss_kwargs
+        self.z_loss_coefficient = z_loss_coefficient
+        self.forward_kwargs = _without_cache(model, forward_kwargs)
+        self.return_outputs = return_outputs
+        self.vocab_size = real_vocab_size(model)
+        # FSDP (through Accelerate) wraps one unit per block class named here when its config names none.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+
+    def forward(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None,
+                metrics: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Returns this micro-batch's share of the global loss (z-loss included), of the z-loss alone, and the
+        outputs when asked for. With `metrics` (at evaluation), updates them instead and returns nothing: eval
+        runs through here so that DDP and FSDP see the forward of the module they wrap."""
+        if metrics is not None:
+            return self.score(inputs, metrics)
+        if self.head is not None:
+            weight, bias = output_layer(self.model)
+            cross_entropy, z_loss = losses.linear_cross_entropy(
+                hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, inputs["labels"],
+                bias=bias, scale=self.head.scale, softcap=self.head.softcap, vocab_size=self.vocab_size,
+                z_loss_coefficient=self.z_loss_coefficient, path=self.loss_path, kwargs=self.loss_kwargs)
+            return (cross_entropy + z_loss) / num_items_in_batch, z_loss.detach() / num_items_in_batch, None
+        outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+        loss = self.loss_function(outputs, inputs, num_items_in_batch)
+        z_loss = torch.zeros_like(loss)
+        if self.z_loss_coefficient:
+            _, z_loss = losses.cross_entropy_and_z_loss(outputs.logits.flatten(0, -2).float(),
+                                                        inputs["labels"].flatten(), self.z_loss_coefficient)
+            z_loss = z_loss / num_items_in_batch
+        return loss + z_loss, z_loss.detach(), outputs if self.return_outputs else None
+
+
+    def score(self, inputs: dict[str, torch.Tensor], metrics: list[Any]) -> Any:
+        """Updates the eval metrics on a batch. On a head path, the cross-entropy comes from the chunked head and
+        metrics that need logits see them a chunk of tokens at a time, so full logits never exist."""
+        from timl.metrics import CrossEntropy
+
+        if self.head is None:
+            outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+            for metric in metrics:
+                metric.update(outputs, inputs)
+            return None
+        weight, bias = output_layer(self.model)
+        labels = inputs["labels"].flatten()
+        by_logits = [metric for metric in metrics if not isinstance(metric, CrossEntropy)]
+
+        def update(logits: torch.Tensor, chunk_labels: torch.Tensor) -> None:
+            for metric in by_logits:
+                metric.update(SimpleNamespace(logits=logits), {"labels": chunk_labels})
+
+        token_losses = losses.token_cross_entropy(
+            hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, labels, bias=bias,
+            scale=self.head.scale, softcap=self.head.softcap, vocab_size=self.vocab_size,
+            logits_consumer=update if by_logits else None)
+        for metric in metrics:
+            if isinstance(metric, CrossEntropy):
+                metric.add(token_losses, labels)
+        return None
+
+
+def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.device, forward_kwargs: dict[str, Any],
+                     logits_needed_by: str | None = None) -> tuple[str, Head | None]:
+    """The loss path to train on and the checked head it goes through (None for the model's own logits).
+
+    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path). Whatever is asked, a head that does not
+    reproduce the model's own logits, or a custom loss or train metric that needs the logits (`logits_needed_by`),
+    sends training to the model's own logits, said once; an unavailable fused kernel falls back to "auto".
+    """
+    from timl import kernels
+
+    if requested in kernels.PACKAGES:
+        reason = kernels.available(requested, device)
+        if reason:
+            logger.warning("%s: training on the %s loss path instead.", reason, "default")
+            requested = "auto"
+    if requested == "logits":
+        return "logits", None
+    if logits_needed_by:
+        if requested != "auto":
+            raise ValueError(f"The {requested} loss path makes no logits, which {logits_needed_by} needs: drop "
+                             f"one of them.")
+        return "logits", None
+    head = read_head(model)
+    if head is None:
+        if requested != "auto":
+            raise ValueError(f"The {requested} loss path needs the model's hidden states and output weight: a Hugging "
+                             f"Face causal LM, or a model with `hidden_states(input_ids)` and `output_weight`.")
+        return "logits", None
+    mismatch = check_head(model, head, forward_kwargs, real_vocab_size(model))
+    if mismatch:
+        logger.warning("Training on the model's own logits, not the %s loss path: %s. The loss is exact; only the "
+                       "memory and speed of a fused head are lost.", requested, mismatch)
+        return "logits", None
+    return ("full" if requested == "auto" else requested), head
