@@ -8,6 +8,7 @@ a loss path ignoring it would be far off.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import subprocess
@@ -214,16 +215,16 @@ GPU_SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_h
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
-@pytest.mark.parametrize("path", ["logits", "full", "chunked", "liger", "cut_cross_entropy"])
-def test_loss_paths_under_compile_match_an_fp32_reference_on_the_gpu(model_type, path):
+def test_loss_paths_under_compile_match_an_fp32_reference_on_the_gpu(model_type):
     """Each loss path, compiled with the model under bf16 autocast, against the fp32 eager model's own loss.
     The bound is the issue's (forward 1e-3, gradients 1e-2) or, where bf16 through the decoder alone costs more,
     1.5 times what the logits path itself shows."""
     import json
     import os
 
-    if path in ("liger", "cut_cross_entropy"):
-        pytest.importorskip("liger_kernel" if path == "liger" else path)
+    paths = ["logits", "full", "chunked"] + [name for name, package in (("liger", "liger_kernel"),
+                                             ("cut_cross_entropy", "cut_cross_entropy"))
+                                             if importlib.util.find_spec(package)]
     extra = {"gemma2": dict(final_logit_softcapping=30.0, sliding_window=256)}.get(model_type, {})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **GPU_SHAPE, **extra)).cuda()
@@ -235,6 +236,7 @@ def test_loss_paths_under_compile_match_an_fp32_reference_on_the_gpu(model_type,
 
     def run(path: str | None):
         model.zero_grad()
+        torch._dynamo.reset()
         if path is None:  # the fp32 eager reference: the model's own logits
             loss = own_loss(model, inputs["input_ids"], inputs["labels"]) / count
         else:
@@ -250,14 +252,14 @@ def test_loss_paths_under_compile_match_an_fp32_reference_on_the_gpu(model_type,
 
     reference_loss, reference_grads = run(None)
     errors = {}
-    for name in dict.fromkeys(["logits", path]):
-        loss, grads = run(name)
-        errors[name] = (abs(loss - reference_loss) / reference_loss,
+    for path in paths:
+        loss, grads = run(path)
+        errors[path] = (abs(loss - reference_loss) / reference_loss,
                         ((grads - reference_grads).norm() / reference_grads.norm()).item())
     if os.environ.get("TIML_KERNEL_REPORT"):
         with open(os.environ["TIML_KERNEL_REPORT"], "a") as file:
-            file.write(json.dumps({"model": model_type, "path": path, "forward": errors[path][0],
-                                   "grad": errors[path][1], "logits_forward": errors["logits"][0],
-                                   "logits_grad": errors["logits"][1]}) + "\n")
-    assert errors[path][0] <= max(1e-3, 1.5 * errors["logits"][0])
-    assert errors[path][1] <= max(1e-2, 1.5 * errors["logits"][1])
+            for path, (forward, grad) in errors.items():
+                file.write(json.dumps({"model": model_type, "path": path, "forward": forward, "grad": grad}) + "\n")
+    for path, (forward, grad) in errors.items():
+        assert forward <= max(1e-3, 1.5 * errors["logits"][0]), (path, errors)
+        assert grad <= max(1e-2, 1.5 * errors["logits"][1]), (path, errors)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl import checkpoint
@@ -115,23 +118,32 @@ def tiny_args(data_dir: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(**{**values, **overrides})
 
 
-def test_a_crash_between_the_files_of_a_save_leaves_latest_on_the_previous_checkpoint(data, monkeypatch):
-    real_save = torch.save
-
-    def crash_on_the_third_scheduler(obj, path, *args, **kwargs):
-        if str(path).endswith("scheduler_0.pt") and ".step6.tmp" in str(path):
-            raise OSError("simulated crash mid-save")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", crash_on_the_third_scheduler)
-    with pytest.raises(OSError, match="simulated crash"):
-        pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data))
+def test_a_kill_9_in_the_middle_of_a_save_leaves_latest_on_the_previous_checkpoint(data):
     run = data / "run"
-    assert (run / ".step6.tmp" / "optimizer_0.pt").exists()  # half written, under a hidden name
+    recipe = ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(run),
+              "--train_file_pattern", str(data / "train_*.bin"), "--block_size", "16", "--train_batch_size", "8",
+              "--per_device_train_batch_size", "4", "--max_train_steps", "8", "--save_every_steps", "2",
+              "--eval_every_steps", "0", "--report_to", "none", "--optim", "adamw_torch"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    # The worker pauses in the save of step 6 once the DCP shards are written, before the other files.
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "dcp_worker.py"), "pause", *recipe], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "paused").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    process.kill()
+    process.communicate()
+    half = {path.name for path in (run / ".step6.tmp").iterdir()}
+    assert {".metadata", "__0_0.distcp", "non_tensor_state.json"} <= half and "trainer_state.json" not in half
+    assert not (run / "step6").exists()
     assert checkpoint.resolve("latest", run) == run / "step4"
-    # A step folder missing a file (copied by hand, say) is skipped too.
-    (run / "step4" / "optimizer_0.pt").unlink()
+    # A step folder without its marker (copied by hand, say) is skipped too.
+    (run / "step4" / "trainer_state.json").unlink()
     assert checkpoint.resolve("latest", run) == run / "step2"
+    with pytest.raises(checkpoint.CheckpointError, match="step4 is not a complete timl checkpoint: missing "
+                                                         "trainer_state.json"):
+        checkpoint.resolve(str(run / "step4"), run)
 
 
 def test_keep_last_n_keeps_the_newest_and_main(data):
@@ -147,32 +159,58 @@ def test_resume_with_another_block_size_says_what_differs(data):
                  tiny_args(data, block_size=8, resume_from_checkpoint=str(data / "run" / "step2")))
 
 
+def test_resume_with_other_optimizers_names_the_folder_and_what_differs(data):
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"run/step2 holds the state of optimizers \['adamw'\], but "
+                                                         r"this run has \['muon', 'adamw'\]; resume with the same "
+                                                         r"--optim"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, optim="muon", resume_from_checkpoint="latest"))
+
+
+PWNED = Path(os.environ.get("TMPDIR", "/tmp")) / f"timl_pwned_{os.getpid()}"
+
+
 class Payload:
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {PWNED}",))
 
 
 def test_loading_never_unpickles_arbitrary_objects(data):
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
-    with open(data / "run" / "step2" / "optimizer_0.pt", "wb") as file:
-        pickle.dump(Payload(), file)
+    folder = data / "run" / "step2"
+    rng, metadata = (folder / "rng_state_0.pt").read_bytes(), (folder / ".metadata").read_bytes()
+    (folder / "rng_state_0.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         pretrain(ModelArguments(config_overrides=TINY_GPT2),
                  tiny_args(data, max_train_steps=4, resume_from_checkpoint="latest"))
+    (folder / "rng_state_0.pt").write_bytes(rng)
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step2/\.metadata is not DCP metadata that timl can read"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert not PWNED.exists()
+    (folder / ".metadata").write_bytes(metadata)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2),
+             tiny_args(data, max_train_steps=4, resume_from_checkpoint="latest"))
 
 
-def test_a_checkpoint_holds_everything_and_loads_with_from_pretrained(data):
+def test_a_checkpoint_holds_everything_and_main_loads_with_from_pretrained(data):
     from transformers import AutoModelForCausalLM
 
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2, hub_token="hf_SECRET"))
     folder = data / "run" / "step2"
-    assert {"model.safetensors", "config.json", "optimizer_0.pt", "scheduler_0.pt", "rng_state_0.pt",
-            "loader_state_0.json", "trainer_state.json"} <= {p.name for p in folder.iterdir()}
+    assert {p.name for p in folder.iterdir()} == {
+        ".metadata", "__0_0.distcp", "non_tensor_state.json", "rng_state_0.pt", "loader_state_0.json",
+        "trainer_state.json", "config.json", "generation_config.json"}
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["tokens"] == 2 * 8 * 16 and state["world_size"] == 1
     assert state["args"]["hub_token"] == "<redacted>" and state["provenance"]["versions"]["torch"]
     assert json.loads((folder / "loader_state_0.json").read_text())["position"] == 2 * 8 * 16
-    AutoModelForCausalLM.from_pretrained(folder)
+    # main/ is the model alone, as from_pretrained expects it: no optimizer, RNG or loader state.
+    main = data / "run" / "main"
+    assert sorted(p.name for p in main.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    AutoModelForCausalLM.from_pretrained(main)
 
 
 def test_uploads_reach_a_local_target_and_the_token_is_never_written_or_printed(data):
@@ -188,7 +226,16 @@ def test_uploads_reach_a_local_target_and_the_token_is_never_written_or_printed(
             assert token.encode() not in path.read_bytes(), path
     assert (uploads / "main" / "model.safetensors").read_bytes() == \
         (data / "run" / "main" / "model.safetensors").read_bytes()
-    assert checkpoint.is_complete(uploads / "step20")
+    # The step revision was exported from the sharded training state by the upload process: a model, nothing else.
+    from safetensors.torch import load_file
+
+    step = uploads / "step20"
+    assert not list(step.glob("*.distcp")) and not (step / ".metadata").exists()
+    assert not list(step.glob("optimizer*")) and not list(step.glob("rng_state*"))
+    exported, final = load_file(step / "model.safetensors"), load_file(uploads / "main" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert AutoModelForCausalLM.from_pretrained(step).config.n_layer == 2
+    assert not list((data / "run").glob(".step*.export"))  # the staging folder is gone
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(data, monkeypatch):
@@ -202,3 +249,75 @@ def test_a_resumed_run_continues_the_same_wandb_run(data, monkeypatch):
     runs = list((data / "run" / "wandb").glob("offline-run-*"))
     assert runs and {path.name.rsplit("-", 1)[1] for path in runs} == {run_id}
     assert (data / "run" / "wandb" / "latest-run").resolve().name.endswith(f"-{run_id}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_nodes(script: Path, logs: Path, *per_node_args: list[str]) -> list[tuple[int, str]]:
+    """Two 'nodes' of one process each on this host, as two torchrun launches that meet at a static rendezvous;
+    returns each one's exit status and stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           "ACCELERATE_USE_CPU": "true"}
+    port, nodes = free_port(), []
+    for rank, args in enumerate(per_node_args):
+        # Files, not pipes: a node blocked on a full pipe would stall the other at the next collective.
+        with open(logs / f"node{rank}.log", "w") as log:
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+                 *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+    return [(node.wait(timeout=300), (logs / f"node{rank}.log").read_text()) for rank, node in enumerate(nodes)]
+
+
+def test_a_run_resumes_on_two_nodes_from_one_process_and_back_at_the_same_data_position(data):
+    """1 process saves; two nodes resume it, train and save; 1 process resumes theirs. The data continues at the
+    same token, so with dropout off every loss equals the uninterrupted run's (up to the order of the sums)."""
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, output_dir=str(data / "reference")))
+    reference = train_losses(data / "reference")
+    shutil.copytree(data / "reference" / "step2", data / "nodes" / "step2")
+    recipe = ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(data / "nodes"),
+              "--train_file_pattern", str(data / "train_*.bin"), "--block_size", "16", "--train_batch_size", "8",
+              "--per_device_train_batch_size", "4", "--max_train_steps", "8", "--save_every_steps", "2",
+              "--log_every_steps", "1", "--eval_every_steps", "0", "--report_to", "none", "--optim", "adamw_torch",
+              "--resume_from_checkpoint", "latest"]
+    for status, log in launch_two_nodes(ROOT / "recipes" / "gpt2_c4.py", data, recipe, recipe):
+        assert status == 0, log[-3000:]
+    two_nodes = train_losses(data / "nodes")
+    assert list(two_nodes) == list(range(3, 9))
+    assert two_nodes == pytest.approx({step: reference[step] for step in range(3, 9)}, rel=1e-5)
+    step4 = data / "nodes" / "step4"
+    assert json.loads((step4 / "trainer_state.json").read_text())["world_size"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in step4.iterdir()}
+    loader_state = lambda folder, rank=0: json.loads((folder / f"loader_state_{rank}.json").read_text())
+    assert loader_state(step4) == loader_state(step4, 1) == loader_state(data / "reference" / "step4")
+
+    for later in ("step6", "step8"):
+        (data / "nodes" / later).rename(data / "nodes" / f".{later}.set_aside")
+    pretrain(ModelArguments(config_overrides=TINY_GPT2),
+             tiny_args(data, output_dir=str(data / "nodes"), resume_from_checkpoint="latest"))
+    one_again = train_losses(data / "nodes")
+    assert one_again == pytest.approx({step: reference[step] for step in range(3, 9)}, rel=1e-5)
+
+
+def test_an_output_dir_that_one_node_cannot_see_is_refused_on_every_rank(tmp_path):
+    """Two processes, each the first of its own 'node' (local rank 0), given output folders that differ, as a
+    folder on a node's local disk would."""
+    results = tmp_path / "results"
+    results.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    nodes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "dcp_worker.py"), "shared",
+                               str(tmp_path / f"node{rank}"), str(results)], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
+    assert [node.wait(timeout=120) for node in nodes] == [0, 0]
+    for rank in (0, 1):
+        message = (results / f"rank{rank}.txt").read_text()
+        assert message.startswith(f"CheckpointError: --output_dir {tmp_path / f'node{rank}'} is not shared between "
+                                  f"the nodes: rank 0 wrote a file there that the node(s) of rank(s) [1] cannot "
+                                  f"read"), message
+        assert "must be on a filesystem that all nodes mount at the same path" in message
+    assert not list((tmp_path / "node0").iterdir())  # the token is cleaned up

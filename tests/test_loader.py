@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from timl.loader import IGNORE_INDEX, BatchLoader, ShardLoader
-from timl.shards import ShardError, write_shard
+from timl.shards import ShardError, ShardInfo, write_shard
 
 
 def _collect(loader, count=None):
@@ -170,26 +171,23 @@ def test_token_at_or_above_the_vocab_size(token_shards, tmp_path):
         _collect(loader)
 
 
-def test_reading_a_large_shard_leaves_resident_memory_flat(tmp_path):
-    num_tokens = 2**26  # 128 MiB of uint16
+def test_shards_are_mapped_one_read_at_a_time_and_never_kept(tmp_path, monkeypatch):
+    """What keeps resident memory flat on huge shards: each read maps only its batch, and no map outlives it."""
     path = tmp_path / "train_000000.bin"
-    write_shard(path, np.arange(num_tokens, dtype=np.uint64).astype(np.uint16))
-    process = psutil.Process()
+    write_shard(path, np.arange(2**20, dtype=np.uint64).astype(np.uint16))
+    real_memmap, maps = ShardInfo.memmap, []
 
-    loader = ShardLoader(path, block_size=1024, per_device_batch_size=64)
-    before = process.memory_info().rss
-    count = sum(1 for _ in loader)
-    loader_growth = process.memory_info().rss - before
-    assert count == num_tokens // (64 * 1024)
+    def recording_memmap(self, start=0, stop=None):
+        mapped = real_memmap(self, start, stop)
+        maps.append((len(mapped), weakref.ref(mapped)))
+        return mapped
 
-    # The same pass through one long-lived map does grow resident memory, so the check above can fail.
-    mapped = loader.tokens.shards[0].memmap()
-    before = process.memory_info().rss
-    total = sum(int(mapped[i : i + 65536].sum()) for i in range(0, num_tokens, 65536))
-    naive_growth = process.memory_info().rss - before
-    assert total > 0
-    assert naive_growth > 100 * 2**20
-    assert loader_growth < 16 * 2**20, f"resident memory grew by {loader_growth / 2**20:.1f} MiB"
+    monkeypatch.setattr(ShardInfo, "memmap", recording_memmap)
+    loader = ShardLoader(path, block_size=1024, per_device_batch_size=8)
+    assert sum(1 for _ in loader) == 2**20 // (8 * 1024)
+    gc.collect()
+    assert maps and all(ref() is None for _, ref in maps)  # no map outlives its read
+    assert max(size for size, _ in maps) <= 8 * 1024 + 1  # none spans more than one batch
 
 
 TWO_RANK_SCRIPT = textwrap.dedent(
@@ -222,3 +220,125 @@ def test_two_real_processes_over_gloo_split_each_global_batch(token_shards, tmp_
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 200 // 24
     seen = [token for step in zip(ranks[0]["batches"], ranks[1]["batches"]) for part in step for token in part]
     assert seen == stream[: len(seen)].tolist()
+
+
+def _stream_of(batches, key="input_ids"):
+    return torch.cat([batch[key].flatten() for batch in batches]).numpy()
+
+
+@pytest.mark.parametrize("lengths", [[50, 30], [45, 30], [5]])  # whole batches, a batch across epochs, data < a batch
+def test_a_repeating_loader_reads_the_data_epoch_after_epoch(token_shards, lengths):
+    pattern, stream = token_shards(lengths)
+    loader = ShardLoader(pattern, block_size=4, per_device_batch_size=2, repeat=True)
+    batches = _collect(loader, count=25)
+    total = len(stream)
+    np.testing.assert_array_equal(_stream_of(batches), np.tile(stream, 200 // total + 1)[:200])
+    # Each label is the token after its input in the data; only the data's last token has none.
+    data_positions = np.arange(200) % total
+    expected = np.where(data_positions == total - 1, IGNORE_INDEX, stream.astype(np.int64)[(data_positions + 1) % total])
+    np.testing.assert_array_equal(_stream_of(batches, "labels"), expected)
+    assert loader.epoch == pytest.approx(200 / total) and loader.state_dict()["epoch"] == pytest.approx(200 / total)
+    assert loader.progress() == {"epoch": loader.epoch}
+    assert len(loader) == total // 8  # a pass's worth of batches, as a repeating loader's length
+
+
+def _windows(batches) -> list[int]:
+    """The data window (of 4 tokens) each one-sequence batch read, from its first token (the shard's values are unique)."""
+    return [int(batch["input_ids"][0, 0]) // 4 for batch in batches]
+
+
+@pytest.fixture
+def counting_shards(tmp_path):
+    """Shards whose token at data position p is p: which data a batch read is plain to see."""
+    stream = np.arange(162, dtype=np.uint16)  # 40 windows of 4 tokens, and 2 tokens a shuffled epoch leaves out
+    write_shard(tmp_path / "train_000000.bin", stream[:70])
+    write_shard(tmp_path / "train_000001.bin", stream[70:])
+    return str(tmp_path / "train_*.bin"), stream
+
+
+def test_shuffling_permutes_the_windows_differently_every_epoch_and_the_same_every_run(counting_shards):
+    pattern, stream = counting_shards
+    make = lambda seed: ShardLoader(pattern, block_size=4, per_device_batch_size=1, repeat=True, shuffle=True, seed=seed)
+    batches = _collect(make(0), count=120)
+    epochs = [_windows(batches[start : start + 40]) for start in (0, 40, 80)]
+    for order in epochs:
+        assert sorted(order) == list(range(40))  # every window once per epoch; the 2 tokens past them never
+    assert epochs[0] != list(range(40)) and len({tuple(order) for order in epochs}) == 3
+    assert _windows(_collect(make(0), count=120)) == _windows(batches)
+    assert _windows(_collect(make(1), count=40)) != epochs[0]
+    for batch in batches:  # labels are the data's next token, even at a window's end
+        start = int(batch["input_ids"][0, 0])
+        np.testing.assert_array_equal(batch["labels"][0].numpy(), stream[start + 1 : start + 5])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("stop_after", [13, 40])  # mid-second epoch, and two epochs in, on another world size
+def test_resume_mid_epoch_continues_identically_even_on_another_world_size(counting_shards, shuffle, stop_after):
+    pattern, _ = counting_shards
+
+    def make(world_size, rank=0):
+        return ShardLoader(pattern, block_size=4, global_batch_size=2, rank=rank, world_size=world_size, repeat=True,
+                           shuffle=shuffle, seed=7)
+
+    uninterrupted = _collect(make(1), count=60)
+    first = make(1)
+    _collect(first, count=stop_after)
+    assert first.epoch == pytest.approx(stop_after * 8 / (160 if shuffle else 162))
+    state = json.loads(json.dumps(first.state_dict()))
+    for world_size in (1, 2):
+        ranks = []
+        for rank in range(world_size):
+            resumed = make(world_size, rank)
+            resumed.load_state_dict(state)
+            ranks.append(_collect(resumed, count=60 - stop_after))
+        continued = [torch.cat([batches[step]["input_ids"] for batches in ranks]) for step in range(60 - stop_after)]
+        for expected, actual in zip(uninterrupted[stop_after:], continued):
+            assert torch.equal(expected["input_ids"], actual)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_shuffled_epoch_is_the_same_global_order_on_any_world_size(counting_shards, world_size):
+    pattern, _ = counting_shards
+    reference = _windows(_collect(ShardLoader(pattern, block_size=4, per_device_batch_size=1, repeat=True,
+                                              shuffle=True), count=80))
+    ranks = [_collect(ShardLoader(pattern, block_size=4, per_device_batch_size=4 // world_size, rank=rank,
+                                  world_size=world_size, repeat=True, shuffle=True), count=20)
+             for rank in range(world_size)]
+    seen = [int(row[0]) // 4 for step in range(20) for batches in ranks for row in batches[step]["input_ids"]]
+    assert seen == reference
+
+
+def test_resume_in_another_data_order_is_refused(counting_shards):
+    pattern, _ = counting_shards
+    state = ShardLoader(pattern, block_size=4, per_device_batch_size=1, repeat=True).state_dict()
+    shuffled = ShardLoader(pattern, block_size=4, per_device_batch_size=1, repeat=True, shuffle=True, seed=3)
+    with pytest.raises(ShardError, match=r"another data order \(epoch_tokens 162 → 160, shuffle False → True, seed None → 3"):
+        shuffled.load_state_dict(state)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("num_tokens", [37, 5])  # a partial last batch; a set smaller than one batch
+def test_pad_last_yields_every_token_once_with_as_many_batches_on_every_rank(token_shards, world_size, num_tokens):
+    pattern, stream = token_shards([num_tokens])
+    per_rank = [_collect(ShardLoader(pattern, block_size=4, per_device_batch_size=2, rank=rank, world_size=world_size,
+                                     pad_last=True)) for rank in range(world_size)]
+    global_batch = 8 * world_size
+    expected_batches = -(-num_tokens // global_batch)
+    assert [len(batches) for batches in per_rank] == [expected_batches] * world_size
+    assert len(ShardLoader(pattern, block_size=4, per_device_batch_size=2, rank=0, world_size=world_size,
+                           pad_last=True)) == expected_batches
+    inputs = np.concatenate([_stream_of([per_rank[r][k]]) for k in range(expected_batches) for r in range(world_size)])
+    labels = np.concatenate([_stream_of([per_rank[r][k]], "labels") for k in range(expected_batches) for r in range(world_size)])
+    np.testing.assert_array_equal(inputs[:num_tokens], stream)
+    np.testing.assert_array_equal(labels[:num_tokens], np.append(stream[1:], IGNORE_INDEX))
+    assert (inputs[num_tokens:] == 0).all() and (labels[num_tokens:] == IGNORE_INDEX).all()
+
+
+def test_keyed_permutation_is_a_bijection_of_any_size():
+    from timl.loader import KeyedPermutation
+
+    for size in (1, 2, 3, 7, 64, 65, 1000):
+        permutation = KeyedPermutation(size, key=size)
+        assert sorted(permutation(index) for index in range(size)) == list(range(size))
+    orders = {tuple(KeyedPermutation(50, key)(index) for index in range(50)) for key in range(5)}
+    assert len(orders) == 5

@@ -14,13 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers.pytorch_utils import Conv1D
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.arguments import TrainingArguments, parse_args
 from timl.checkpoint import load_weights
 from timl.losses import linear_cross_entropy
 from timl.modeling import build_config, build_model
-from timl.optim import check_groups, create_optimizers, parameter_kinds
+from timl.optim import (LR_SCALE, build_optimizer_set, check_groups, create_optimizers, fused_adamw,
+                        parameter_kinds, transposed_weight_names)
+from timl.train_state import load_training_state, save_training_state
 from timl.recipe import ModelArguments, pretrain
 from timl.trainer import Trainer
 
@@ -85,6 +88,166 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(data):
     check_groups(model, list(optimizers.values()))
 
 
+
+TINY_LLAMA = ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
+              "vocab_size=64,max_position_embeddings=64")
+
+
+def muon_groups_by_parameter(muon: torch.optim.Optimizer) -> dict[int, dict]:
+    return {id(p): group for group in muon.param_groups for p in group["params"]}
+
+
+def torch_muon_scale(rows: int, cols: int) -> float:
+    """torch.optim.Muon's default update scale (Keller Jordan's) for a weight of shape [rows, cols]."""
+    return math.sqrt(max(1, rows / cols))
+
+
+def test_muon_decays_by_muon_weight_decay_and_adamw_by_weight_decay(data):
+    assert TrainingArguments.muon_weight_decay == 0.0  # modded-nanogpt's GPT-2 runs give Muon no weight decay
+    model = build_model(build_config("gpt2", TINY_GPT2))
+    for muon_weight_decay in (0.0, 0.01):
+        optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon", weight_decay=0.1,
+                                                              muon_weight_decay=muon_weight_decay)))
+        # torch shrinks each Muon weight by its group's lr × weight_decay a step: --muon_learning_rate × this.
+        for group in optimizers["muon"].param_groups:
+            assert group["lr"] * group["weight_decay"] == pytest.approx(0.02 * muon_weight_decay, abs=1e-15)
+        assert {g["weight_decay"] for g in optimizers["adamw"].param_groups} == {0.1, 0.0}
+
+
+def test_conv1d_weights_get_the_muon_lr_of_their_out_in_shape(data):
+    model = build_model(build_config("gpt2", TINY_GPT2))
+    optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon")))
+    groups = muon_groups_by_parameter(optimizers["muon"])
+    conv1d = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 8 and transposed_weight_names(model) == {n for n, p in model.named_parameters()
+                                                                   if any(p is m.weight for m in conv1d)}
+    for module in conv1d:
+        inputs, outputs = module.weight.shape  # Conv1D stores [in, out]
+        group = groups[id(module.weight)]
+        # What torch applies, from the stored shape, times the group's lr must be the scale of [out, in].
+        assert group["lr"] * torch_muon_scale(inputs, outputs) == pytest.approx(0.02 * torch_muon_scale(outputs,
+                                                                                                         inputs))
+        assert group[LR_SCALE] == pytest.approx(torch_muon_scale(outputs, inputs) / torch_muon_scale(inputs, outputs))
+    # n_embd 32: c_attn [32, 96] and c_fc [32, 128] are wide as stored, mlp.c_proj [128, 32] tall, attn.c_proj square.
+    block = model.transformer.h[0]
+    scales = [groups[id(m.weight)][LR_SCALE] for m in (block.attn.c_attn, block.mlp.c_fc, block.mlp.c_proj)]
+    assert scales == pytest.approx([math.sqrt(3), 2.0, 0.5]) and groups[id(block.attn.c_proj.weight)][LR_SCALE] == 1
+    # The uncorrected group comes first: the logged lr_muon is read off it.
+    assert optimizers["muon"].param_groups[0][LR_SCALE] == 1.0
+
+
+def test_a_conv1d_layer_takes_the_muon_step_of_the_same_linear_layer(data):
+    torch.manual_seed(0)
+    stored = torch.nn.Sequential(Conv1D(48, 16), Conv1D(16, 48))  # one wide and one tall, as stored [in, out]
+    linear = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.Linear(48, 16))
+    with torch.no_grad():
+        for conv, dense in zip(stored, linear):
+            dense.weight.copy_(conv.weight.T)
+            dense.bias.copy_(conv.bias)
+    args = tiny_args(data, optim="muon", muon_weight_decay=0.1)
+    (_, muon_stored), _ = create_optimizers(stored, args)
+    (_, muon_linear), _ = create_optimizers(linear, args)
+    for _ in range(3):  # momentum too
+        for conv, dense in zip(stored, linear):
+            gradient = torch.randn_like(conv.weight)
+            conv.weight.grad, dense.weight.grad = gradient.clone(), gradient.T.clone()
+        muon_stored.step()
+        muon_linear.step()
+    for conv, dense in zip(stored, linear):
+        torch.testing.assert_close(conv.weight, dense.weight.T, rtol=1e-6, atol=1e-7)
+
+
+def test_a_linear_model_keeps_torchs_muon_scaling(data):
+    model = build_model(build_config("llama", TINY_LLAMA))
+    optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon")))
+    kinds = parameter_kinds(model)
+    assert transposed_weight_names(model) == set()
+    (group,) = optimizers["muon"].param_groups
+    assert group["lr"] == 0.02 and group[LR_SCALE] == 1.0 and group["weight_decay"] == 0.0
+    assert {id(p) for p in group["params"]} == {id(p) for n, p in model.named_parameters() if kinds[n] == "matrix"}
+
+
+def test_adamw_is_fused_on_cuda_and_never_on_the_cpu(data):
+    for optim in ("adamw_torch", "adamw_torch_fused", "muon"):
+        assert not fused_adamw(optim, "cpu") and not fused_adamw(optim, torch.device("cpu"))
+        assert fused_adamw(optim, torch.device("cuda", 0)) == fused_adamw(optim, "cuda") == (optim != "adamw_torch")
+    # The model is on the CPU: the device it will train on decides, not where it is while the optimizers are built
+    # (torch checks a fused AdamW's parameters at its first step, not when it is built).
+    model = build_model(build_config("gpt2", TINY_GPT2))
+    for optim in ("adamw_torch_fused", "muon"):
+        args = tiny_args(data, optim=optim)
+        assert dict(create_optimizers(model, args, device=torch.device("cuda")))["adamw"].defaults["fused"]
+        assert not dict(create_optimizers(model, args, device="cpu"))["adamw"].defaults["fused"]
+        assert not dict(create_optimizers(model, args))["adamw"].defaults["fused"]  # by default, where it is
+        built = build_optimizer_set(model, args, total_steps=4, given=[(None, None)], device=torch.device("cuda"))
+        assert built.optimizers[built.names.index("adamw")].defaults["fused"]
+
+
+def test_schedules_scale_each_group_from_its_own_initial_lr(data):
+    model = build_model(build_config("gpt2", TINY_GPT2))
+    args = tiny_args(data, optim="muon", lr_scheduler_type="cosine", warmup_steps=2)
+    optim = build_optimizer_set(model, args, total_steps=8, given=[(None, None)], device="cpu")
+    muon, adamw = optim.optimizers
+    assert [g["initial_lr"] for g in muon.param_groups] == [0.02 * g[LR_SCALE] for g in muon.param_groups]
+    assert {g["initial_lr"] for g in adamw.param_groups} == {args.learning_rate}
+    for step in range(8):
+        factor = optim.schedulers[0].lr_lambdas[0](step)
+        for optimizer in optim.optimizers:
+            for group in optimizer.param_groups:
+                assert group["lr"] == pytest.approx(group["initial_lr"] * factor, abs=1e-15)
+        rates = optim.learning_rates()
+        assert rates == pytest.approx({"lr": 6e-4 * factor, "lr_muon": 0.02 * factor, "lr_adamw": 6e-4 * factor})
+        for optimizer, scheduler in zip(optim.optimizers, optim.schedulers):
+            optimizer.step()  # no gradients: nothing moves, but the schedulers see a step
+            scheduler.step()
+
+
+def test_the_logged_muon_rate_is_uncorrected_without_a_plain_group(data):
+    model = torch.nn.Sequential(Conv1D(48, 16))  # only a corrected group
+    optim = build_optimizer_set(model, tiny_args(data, optim="muon"), total_steps=4, given=[(None, None)])
+    assert optim.optimizers[0].param_groups[0][LR_SCALE] == pytest.approx(math.sqrt(3))
+    assert optim.learning_rates() == pytest.approx({"lr": 6e-4, "lr_muon": 0.02, "lr_adamw": 6e-4})
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    single = build_optimizer_set(model, tiny_args(data), total_steps=4, given=[(sgd, None)])
+    assert single.learning_rates() == {"lr": 0.1}
+
+
+def test_a_muon_checkpoint_restores_every_group_and_continues_alike(data, tmp_path):
+    args = tiny_args(data, optim="muon", muon_weight_decay=0.01, warmup_steps=1)
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = build_model(build_config("gpt2", TINY_GPT2))
+        return model, build_optimizer_set(model, args, total_steps=6, given=[(None, None)], device="cpu")
+
+    def step(model, optim):
+        logits = model(input_ids=tokens[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        for optimizer, scheduler in zip(optim.optimizers, optim.schedulers):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def hyperparameters(optimizer):
+        return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+    model, optim = build(0)
+    for _ in range(2):
+        step(model, optim)
+    save_training_state(tmp_path / "step2", model=model, optimizers=optim.optimizers, schedulers=optim.schedulers)
+    fresh_model, fresh = build(1)
+    load_training_state(tmp_path / "step2", model=fresh_model, optimizers=fresh.optimizers,
+                        schedulers=fresh.schedulers)
+    for saved, loaded in zip(optim.optimizers, fresh.optimizers):
+        assert hyperparameters(loaded) == hyperparameters(saved)
+    assert [s.state_dict() for s in fresh.schedulers] == [s.state_dict() for s in optim.schedulers]
+    assert fresh.learning_rates() == optim.learning_rates()
+    step(model, optim)
+    step(fresh_model, fresh)
+    for (name, parameter), loaded in zip(model.named_parameters(), fresh_model.parameters()):
+        assert torch.equal(parameter, loaded), name
+
 def test_embeddings_can_be_left_undecayed(data):
     model = build_model(build_config("gpt2", TINY_GPT2))
     (_, adamw), = create_optimizers(model, tiny_args(data, decay_embeddings=False))
@@ -104,7 +267,8 @@ def test_bad_groupings_fail_with_a_clear_message(data):
 def test_muon_training_logs_each_optimizers_rate_and_learns(data):
     latest = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, optim="muon", max_train_steps=30,
                       save_every_steps=0, eval_every_steps=30, lr_scheduler_type="constant", learning_rate=3e-3))
-    assert latest["lr_muon"] == 0.02 and latest["lr_adamw"] == 3e-3
+    # lr is AdamW's (--learning_rate), never Muon's under another name.
+    assert latest["lr_muon"] == 0.02 and latest["lr_adamw"] == 3e-3 and latest["lr"] == 3e-3
     evals = [r["eval_loss"] for r in read_metrics(data / "run") if "eval_loss" in r]
     assert evals[-1] < 0.7 * evals[0]
 

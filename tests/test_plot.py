@@ -1,4 +1,5 @@
-"""`timl plot` on the metrics.jsonl of real tiny runs: the figures, their pixel sizes, and the errors."""
+"""`timl plot` on the metrics.jsonl of real tiny runs: the values each figure plots, the figures' pixel sizes, and
+the errors."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_GPT2, write_learnable_shards
+from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.arguments import TrainingArguments
 from timl.cli import main as timl_main
 from timl.metrics import Accuracy
-from timl.plot import PANEL_HEIGHT, WIDTH, main
+from timl.plot import PANEL_HEIGHT, WIDTH, build_figures, load_run, main, pyplot
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ["loss.png", "lr.png", "throughput.png", "grad_norm.png", "metrics.png"]
@@ -52,6 +53,35 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def expected_size(panels: int, dpi: int) -> tuple[int, int]:
     return round(WIDTH * dpi), round(PANEL_HEIGHT * panels * dpi)
+
+
+def plotted(figure) -> list[list[tuple[list[float], list[float]]]]:
+    """Each panel's lines, as the (x, y) values that matplotlib holds."""
+    return [[([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]) for line in axis.get_lines()]
+            for axis in figure.axes]
+
+
+def test_each_figure_plots_the_logged_values(runs):
+    logged = read_metrics(runs[0])
+    train = [line for line in logged if "train_loss" in line]
+    evals = [line for line in logged if "eval_loss" in line and "train_loss" not in line]
+    values = lambda lines, key: [float(line[key]) for line in lines]
+    steps, tokens = values(train, "step"), values(train, "tokens")
+    eval_tokens = [step * 8 * 16 for step in values(evals, "step")]  # step × train_batch_size × block_size
+    assert len(train) == 6 and len(evals) == 3
+    figures = build_figures([load_run(runs[0], "lr_high")], dpi=50, log_y=False)
+    try:
+        assert plotted(figures["loss.png"]) == [[(tokens, values(train, "train_loss")),
+                                                 (eval_tokens, values(evals, "eval_loss"))]]
+        assert [line.get_label() for line in figures["loss.png"].axes[0].get_lines()] == ["train", "eval"]
+        assert plotted(figures["lr.png"]) == [[(steps, values(train, "lr"))]]
+        assert plotted(figures["throughput.png"]) == [[(steps, values(train, "tokens_per_second"))]]
+        assert plotted(figures["grad_norm.png"]) == [[(steps, values(train, "grad_norm"))]]
+        assert plotted(figures["metrics.png"]) == [[(tokens, values(train, "train_accuracy")),
+                                                    (eval_tokens, values(evals, "eval_accuracy"))]]
+    finally:
+        for figure in figures.values():
+            pyplot().close(figure)
 
 
 def test_one_run_gives_every_figure_at_figsize_times_dpi(runs, capsys):
@@ -95,16 +125,12 @@ def test_python_dash_m_timl_plot_runs_in_a_fresh_process(runs, tmp_path):
 
 
 def test_eval_points_are_placed_on_the_token_axis(runs):
-    from timl.plot import load_run
-
     run = load_run(runs[0], "lr_high")
     assert [line["step"] for line in run.eval] == [0, 6, 12]
     assert [line["tokens"] for line in run.eval] == [0, 6 * 8 * 16, 12 * 8 * 16]  # train_batch_size × block_size
 
 
 def test_eval_tokens_fall_back_to_the_train_lines_without_run_config(tmp_path):
-    from timl.plot import load_run
-
     lines = [{"step": 0, "eval_loss": 4.0}, {"step": 2, "train_loss": 3.0, "tokens": 64}, {"step": 4, "eval_loss": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert [line["tokens"] for line in load_run(tmp_path, "run").eval] == [0, 128]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -55,11 +61,36 @@ def test_count_values_reads_headers_of_the_glob(tmp_path):
     ]
 
 
-def test_write_is_atomic_and_leaves_no_temporary(tmp_path):
+def test_a_rejected_array_writes_nothing(tmp_path):
     write_shard(tmp_path / "train_000000.bin", np.zeros(10, dtype=np.uint16))
     with pytest.raises(ShardError, match="uint16, uint32 or float32"):
         write_shard(tmp_path / "train_000001.bin", np.zeros(10, dtype=np.int64))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_000000.bin"]
+
+
+# The kernel kills this writer with SIGXFSZ (Python ignores it; this script restores the default) as soon as a write
+# would take a file past 64 KiB: part-way through a 4 MiB shard, with no chance to clean up.
+KILLED_MID_WRITE = """
+import resource, signal, sys
+import numpy as np
+from timl.shards import write_shard
+
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+write_shard(sys.argv[1], np.arange(2**20, dtype=np.uint32))
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_no_shard_that_a_glob_finds(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.arange(10, dtype=np.uint32))
+    root = Path(__file__).resolve().parent.parent
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "train_000001.bin")],
+                            env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+    [partial] = [path for path in tmp_path.iterdir() if path.name != "train_000000.bin"]
+    assert 0 < partial.stat().st_size < HEADER_BYTES + 4 * 2**20  # the kill came mid-write
+    assert not (tmp_path / "train_000001.bin").exists()
+    assert [info.path.name for info in list_shards(tmp_path / "train_*.bin")] == ["train_000000.bin"]
 
 
 def _write_raw(path, header_values, payload: bytes):

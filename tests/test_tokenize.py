@@ -125,7 +125,7 @@ def test_shards_hold_the_documents_in_order_with_exact_file_boundaries(tmp_path,
     assert gpt2.decode(stream) == "".join("<|endoftext|>" + document for document in DOCUMENTS)
     assert len(sizes) >= 3 and sizes[:-1] == [TOKENS_PER_FILE] * (len(sizes) - 1) and 0 < sizes[-1] <= TOKENS_PER_FILE
     names = sorted(path.name for path in (tmp_path / "shards").iterdir())
-    assert names == [f"train_{index:06d}.bin" for index in range(len(sizes))]
+    assert names == sorted([f"train_{index:06d}.bin" for index in range(len(sizes))] + ["tokenizer.json", "tokenizer_config.json"])
     summary = capsys.readouterr().out
     assert f"{len(DOCUMENTS)} documents (1 rows without text skipped), {len(stream):,} tokens, {len(sizes)} files" in summary
 
@@ -268,7 +268,7 @@ def test_a_cache_dir_with_shards_is_refused_unless_overwrite(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "shards").iterdir()} == before
 
     second = run(tmp_path, overwrite=True)
-    assert not stale.exists() and sorted((tmp_path / "shards").iterdir()) == sorted(second.files)
+    assert not stale.exists() and sorted((tmp_path / "shards").iterdir()) == sorted(second.files + second.tokenizer_files)
 
 
 def test_min_and_max_file_index_write_only_the_files_in_range(tmp_path):
@@ -381,3 +381,112 @@ def test_help_lists_the_flags_from_both_entry_points():
         flags = [f"--{name}" for name in TokenizeArguments.__dataclass_fields__]
         assert [flag for flag in flags if flag not in out] == []
         assert out.startswith("usage: timl tokenize")
+
+
+TEXT_FILES = {
+    "poem.txt": "Roses are red,\nviolets are blue.\n\n\nSecond stanza, after two blank lines.\n",
+    "notes.md": "\n\nStarts with blank lines\n\tand a tab\n\nno trailing newline, naïve café 日本語",
+    "code.py": "def f(x):\n    return x  # spaces  inside\n\n\n\nclass A:\n    pass\n\n",
+    "empty_lines.txt": "\n\n\n",
+}
+
+
+def write_text_files(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in TEXT_FILES.items():
+        (folder / name).write_bytes(text.encode("utf-8"))  # bytes: no newline translation on the way out either
+    return [str(folder / name) for name in TEXT_FILES]
+
+
+def decoded_documents(cache_dir: Path, gpt2) -> list[str]:
+    """The shards' documents: the text between consecutive end-of-text tokens, decoded."""
+    stream, _ = read_split(cache_dir)
+    starts = [index for index, token in enumerate(stream) if token == GPT2_EOT] + [len(stream)]
+    assert starts[0] == 0
+    return [gpt2.decode(stream[start + 1 : stop]) for start, stop in zip(starts, starts[1:])]
+
+
+def text_arguments(tmp_path: Path, **overrides) -> dict:
+    values = arguments(tmp_path) | {"dataset_path": "text", "data_files": write_text_files(tmp_path / "texts")}
+    return values | overrides
+
+
+def test_each_text_file_is_one_document_that_decodes_to_its_exact_text(tmp_path, gpt2):
+    assert main(as_argv(text_arguments(tmp_path, num_proc=2))) == 0
+    assert decoded_documents(tmp_path / "shards", gpt2) == list(TEXT_FILES.values())
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [paragraph for paragraph in text.split("\n\n") if paragraph]
+
+
+def _lines(text: str) -> list[str]:
+    pieces = text.split("\n")
+    return [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
+@pytest.mark.parametrize(("sample_by", "split"), [("paragraph", _paragraphs), ("line", _lines)])
+def test_sample_by_paragraph_or_line_cuts_files_as_datasets_does(tmp_path, gpt2, sample_by, split):
+    run_arguments = text_arguments(tmp_path, sample_by=sample_by)
+    tokenize_dataset(TokenizeArguments(**run_arguments))
+    documents = decoded_documents(tmp_path / "shards", gpt2)
+    assert documents == [piece for text in TEXT_FILES.values() for piece in split(text)]
+    if sample_by == "line":  # newlines are kept, so the lines still add up to the files
+        assert "".join(documents) == "".join(TEXT_FILES.values())
+
+
+def test_sample_by_needs_text_files(tmp_path):
+    with pytest.raises(TokenizeError, match="--sample_by line applies only to --dataset_path text"):
+        TokenizeArguments(**arguments(tmp_path, sample_by="line"))
+
+
+def test_the_tokenizer_saved_beside_the_shards_is_gpt2s(tmp_path, gpt2, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(socket.socket, "connect", lambda *args: pytest.fail("tried to reach the network"))
+    summary = run(tmp_path)
+    cache_dir = tmp_path / "shards"
+    assert sorted(path.name for path in summary.tokenizer_files) == ["tokenizer.json", "tokenizer_config.json"]
+    assert not list(cache_dir.glob(".*")), "no temporary file or folder is left behind"
+    tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>" and tokenizer.eos_token_id == GPT2_EOT
+    stream, _ = read_split(cache_dir)
+    assert tokenizer.decode(stream) == gpt2.decode(stream)
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_every_tokenizer_kind_is_saved_as_one_that_encodes_the_same(tmp_path, gpt2, kind):
+    from transformers import AutoTokenizer
+
+    overrides, encode, eot = TOKENIZER_KINDS[kind](tmp_path, gpt2)
+    run(tmp_path, **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "shards")
+    assert tokenizer.eos_token_id == eot
+    for document in DOCUMENTS:
+        # split_special_tokens: "<|endoftext|>" inside a document is text, as it was to the encoder.
+        ids = tokenizer(document, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert ids == list(encode(document))
+
+
+def test_a_tiktoken_bpe_without_a_transformers_equivalent_is_said_and_not_saved(tmp_path, gpt2):
+    run(tmp_path)  # leaves GPT-2's tokenizer in the folder, which the next run must not leave beside its shards
+    # GPT-2's first 1000 ranks: a valid BPE shaped like GPT-2's, but not GPT-2's, and not read from vocab.bpe files.
+    ranks = sorted(gpt2._mergeable_ranks.items(), key=lambda item: item[1])[:1000]
+    path = tmp_path / "small.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks))
+    with pytest.warns(UserWarning, match=r"tiktoken small has no offline transformers equivalent"):
+        summary = run(tmp_path, encoding_name=None, bpe_files=[str(path)], overwrite=True)
+    assert summary.tokenizer_files == []
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == sorted(path.name for path in summary.files)
+
+
+def test_validation_tokens_that_take_most_of_the_data_or_less_than_a_document_warn(tmp_path, gpt2):
+    total = len(expected_stream(gpt2.encode_ordinary, GPT2_EOT, DOCUMENTS))
+    with pytest.warns(UserWarning, match=r"more than half of the data") as caught:
+        run(tmp_path, name="most", validation_tokens=total * 3 // 4)
+    assert not any("One document alone" in str(warning.message) for warning in caught)
+    first = 1 + len(gpt2.encode_ordinary(DOCUMENTS[0]))
+    with pytest.warns(UserWarning, match=rf"One document alone has {first} tokens, more than --validation_tokens 2") as caught:
+        run(tmp_path, name="tiny", validation_tokens=2)
+    assert not any("more than half" in str(warning.message) for warning in caught)

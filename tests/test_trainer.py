@@ -54,7 +54,8 @@ def test_tiny_gpt2_learns_and_logs_every_field(data):
     for key in ("lr", "grad_norm", "tokens", "tokens_per_second", "step_seconds"):
         assert key in trains[-1]
     assert trains[-1]["tokens"] == 40 * 8 * 16
-    assert (data_dir / "run" / "step40" / "model.safetensors").exists()
+    assert (data_dir / "run" / "step40" / "trainer_state.json").exists()
+    assert (data_dir / "run" / "main" / "model.safetensors").exists()
     assert (data_dir / "run" / "main" / "config.json").exists()
 
 

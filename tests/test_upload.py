@@ -1,20 +1,25 @@
-"""The uploader, with real worker processes, real queues and real files; only the Hub's HTTP is faked (below)."""
+"""The uploader, with real worker processes, real queues and real files; only the Hub's HTTP is faked (below).
+
+Uploads that must still be running at some point wait for a gate file (upload_targets.GatedTarget), which the test
+creates once that point has passed: the tests check what happened before what, never how long it took.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
+import signal
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, set_client_factory
 from huggingface_hub.utils._http import default_client_factory
-from upload_targets import FakeHub, FlakyTarget, RejectedHubTarget, SlowTarget
+from upload_targets import FakeHub, FlakyTarget, GatedTarget, RejectedHubTarget, open_gate_when_logged, wait_for_file
 
-from timl.upload import REDACTED, HubTarget, LocalTarget, Uploader, upload_target
+from timl.upload import REDACTED, HubTarget, LocalTarget, Uploader, upload_target, upload_with_retries
 
 TOKEN = "hf_NotARealTokenButSecretAllTheSame"
 
@@ -69,12 +74,15 @@ def test_a_local_target_replaces_a_revision_whole(tmp_path, checkpoints):
     assert [path.name for path in (tmp_path / "uploads").iterdir()] == ["main"]
 
 
-def test_a_slow_upload_does_not_slow_submit(tmp_path, checkpoints):
-    uploader = Uploader(SlowTarget(tmp_path / "uploads", seconds=2.0))
-    start = time.perf_counter()
+def test_submit_returns_while_the_upload_runs(tmp_path, checkpoints):
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    uploader = Uploader(GatedTarget(tmp_path / "uploads", started, gate), attempts=1)
     assert uploader.submit(checkpoints[0], "step100")
-    assert time.perf_counter() - start < 0.2
+    wait_for_file(started)
+    # The gate opens only below, so the upload that has begun cannot have finished when submit returned.
     assert uploader.is_pending(checkpoints[0]) and uploader.pending() == {checkpoints[0]}
+    assert not (tmp_path / "uploads" / "step100").exists()
+    gate.touch()
     assert uploader.close(timeout=60) == []
     assert not uploader.is_pending(checkpoints[0])
     assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
@@ -92,6 +100,16 @@ def test_failed_attempts_are_retried_with_backoff_and_logged_in_the_main_process
     assert len(warnings) == 2
     assert "(attempt 1 of 4): ConnectionError: attempt 1: the network is down; retrying in 0.01 s" in warnings[0]
     assert "(attempt 2 of 4): ConnectionError: attempt 2: the network is down; retrying in 0.02 s" in warnings[1]
+
+
+def test_each_retry_waits_twice_as_long_as_the_one_before(tmp_path, checkpoints):
+    attempts, waits = tmp_path / "attempts", []
+    attempts.mkdir()
+    target = FlakyTarget(tmp_path / "uploads", attempts, failures=3)
+    assert upload_with_retries(target, checkpoints[0], "step100", attempts=5, backoff_seconds=0.5,
+                               sleep=waits.append) is None
+    assert waits == [0.5, 1.0, 2.0] and len(list(attempts.iterdir())) == 4
+    assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
 
 
 def test_an_upload_that_always_fails_is_reported_at_close_and_the_local_folder_stays(tmp_path, checkpoints, caplog):
@@ -112,33 +130,74 @@ def test_an_upload_that_always_fails_is_reported_at_close_and_the_local_folder_s
 
 
 def test_a_full_queue_skips_intermediate_checkpoints_but_the_final_one_waits(tmp_path, checkpoints, caplog):
-    destination = tmp_path / "uploads"
-    uploader = Uploader(SlowTarget(destination, seconds=1.0), max_pending=1)
+    destination, gate = tmp_path / "uploads", tmp_path / "gate"
+    uploader = Uploader(GatedTarget(destination, tmp_path / "started", gate), max_pending=1)
     assert uploader.submit(checkpoints[0], "step100")
     assert not uploader.submit(checkpoints[1], "step200")
     [skipped] = [record for record in caplog.records if record.getMessage().startswith("Skipping the upload of")]
     assert skipped.levelno == logging.WARNING and f"{checkpoints[1]} as step200" in skipped.getMessage()
     assert not uploader.is_pending(checkpoints[1])
-    start = time.perf_counter()
-    assert uploader.submit(checkpoints[2], "main", final=True)
-    assert time.perf_counter() - start > 0.5  # it waited for step100's upload
+    # step100's upload can finish only once submit says it waits for room, so if submit returns, it waited.
+    with open_gate_when_logged(gate, "The upload queue is full; waiting for room"):
+        assert uploader.submit(checkpoints[2], "main", final=True)
+        assert not uploader.is_pending(checkpoints[0]) and (destination / "step100").is_dir()
     assert uploader.close(timeout=60) == []
     assert sorted(path.name for path in destination.iterdir()) == ["main", "step100"]
     assert contents(destination / "main") == contents(checkpoints[2])
 
 
-def test_close_is_bounded_by_its_timeout(tmp_path, checkpoints, caplog):
-    uploader = Uploader(SlowTarget(tmp_path / "uploads", seconds=60.0))
+def test_close_gives_a_pending_upload_its_timeout_to_finish(tmp_path, checkpoints):
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    uploader = Uploader(GatedTarget(tmp_path / "uploads", started, gate))
     uploader.submit(checkpoints[0], "step100")
-    start = time.perf_counter()
+    wait_for_file(started)
+    # The upload can finish only once close has begun to wait for it.
+    with open_gate_when_logged(gate, "Waiting for 1 checkpoint upload(s) to finish"):
+        assert uploader.close(timeout=60) == []
+    assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
+
+
+def test_close_is_bounded_by_its_timeout(tmp_path, checkpoints, caplog):
+    started = tmp_path / "started"
+    uploader = Uploader(GatedTarget(tmp_path / "uploads", started, tmp_path / "never_created"), attempts=1)
+    uploader.submit(checkpoints[0], "step100")
+    wait_for_file(started)
     with caplog.at_level(logging.INFO):
         [failure] = uploader.close(timeout=1.0)
-    assert time.perf_counter() - start < 10
-    assert failure.revision == "step100" and "not finished" in failure.error
+    # The gate never opens, so had close waited for the upload, the upload would have failed with a TimeoutError.
+    assert failure.revision == "step100"
+    assert failure.error == "not finished: the upload process was terminated when close timed out after 1.0 s"
     messages = [record.getMessage() for record in caplog.records]
     assert any(message.startswith("Waiting for 1 checkpoint upload(s) to finish") for message in messages)
     assert any("terminating the upload process" in message for message in messages)
     assert checkpoints[0].exists()
+
+
+def test_the_upload_process_outlives_a_sigterm_sent_by_anyone_but_its_parent(tmp_path, checkpoints, caplog):
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    # The upload can finish only once the upload process has received the SIGTERM and said that it ignores it.
+    with open_gate_when_logged(gate, "The upload process ignores the SIGTERM from process"):
+        uploader = Uploader(GatedTarget(tmp_path / "uploads", started, gate))
+        uploader.submit(checkpoints[0], "step100")
+        wait_for_file(started)
+        subprocess.run(["kill", "-TERM", str(uploader._process.pid)], check=True)  # as a launcher's killpg would
+        assert uploader.close(timeout=60) == []
+    assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
+
+
+def test_the_upload_process_ends_at_its_parents_sigterm(tmp_path, checkpoints):
+    started = tmp_path / "started"
+    uploader = Uploader(GatedTarget(tmp_path / "uploads", started, tmp_path / "never_created"))
+    uploader.submit(checkpoints[0], "step100")
+    wait_for_file(started)
+    try:
+        uploader._process.terminate()  # what close does when its time is up, and multiprocessing at exit
+        uploader._process.join(timeout=60)
+        assert uploader._process.exitcode == -signal.SIGTERM
+    finally:
+        uploader._process.kill()  # else a process that ignored it would hang this one's exit, in multiprocessing's join
+    [failure] = uploader.close(timeout=60)
+    assert failure.error == f"not finished: the upload process exited with code {-signal.SIGTERM}"
 
 
 # The one fake: the Hub is unreachable from here, so huggingface_hub's HTTP client gets an in-memory transport

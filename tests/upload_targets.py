@@ -1,9 +1,14 @@
-"""Upload targets for tests/test_upload.py, in a module of their own so that the spawned upload process imports them."""
+"""Upload targets for the upload tests, in a module of their own so that the spawned upload process imports them, and
+the helpers that sequence them: files that say what has happened, never sleeps that guess how long it takes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -12,14 +17,54 @@ from huggingface_hub import set_client_factory
 from timl.upload import HubTarget, LocalTarget
 
 
-class SlowTarget(LocalTarget):
-    def __init__(self, destination: Path, seconds: float):
+PATIENCE_SECONDS = 120.0
+"""How long a helper waits for a file before it gives up: only a broken test ever waits that long."""
+
+
+def wait_for_file(path: Path, process: subprocess.Popen | None = None) -> None:
+    """Returns once `path` exists; fails if `process` ends first or PATIENCE_SECONDS pass."""
+    deadline = time.monotonic() + PATIENCE_SECONDS
+    while not path.exists():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited with code {process.returncode} before {path} appeared")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {PATIENCE_SECONDS} s")
+        time.sleep(0.01)
+
+
+class GatedTarget(LocalTarget):
+    """Creates the file `started` as an upload begins, then copies only once the file `gate` exists: the test decides
+    when an upload can finish. A gate never opened fails the upload after PATIENCE_SECONDS."""
+
+    def __init__(self, destination: Path, started: Path, gate: Path):
         super().__init__(destination)
-        self.seconds = seconds
+        self.started, self.gate = started, gate
 
     def upload(self, folder: Path, revision: str) -> None:
-        time.sleep(self.seconds)
+        self.started.touch()
+        wait_for_file(self.gate)
         super().upload(folder, revision)
+
+
+@contextlib.contextmanager
+def open_gate_when_logged(gate: Path, message_start: str) -> Iterator[None]:
+    """Creates `gate` when timl.upload logs a message starting with `message_start` (in this process, or in the upload
+    process, whose records come here): an upload that finishes only once the uploader has reached that point."""
+
+    class GateOpener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(message_start):
+                gate.touch()
+
+    log, opener = logging.getLogger("timl.upload"), GateOpener()
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(opener)
+    try:
+        yield
+    finally:
+        log.removeHandler(opener)
+        log.setLevel(level)
 
 
 class FlakyTarget(LocalTarget):

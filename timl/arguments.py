@@ -17,7 +17,7 @@ from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
 
-from timl.shards import ShardError, list_shards
+from timl.sources import is_mixture, source_problems
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "muon")
 SECRET_FIELDS = ("hub_token",)
@@ -34,10 +34,21 @@ class TrainingArguments:
 
     output_dir: str = _arg("runs/timl", "Where checkpoints (step{N}/, main/) and metrics.jsonl go.")
 
-    train_file_pattern: str | None = _arg(None, "Glob of training token shards, e.g. 'data/gpt2_c4/train_*.bin'.")
-    eval_file_pattern: str | None = _arg(None, "Glob of evaluation token shards. Without it, no evaluation runs.")
-    max_train_tokens: int | None = _arg(None, "Train on this many tokens (rounded down to whole steps). Default: all.")
+    train_file_pattern: str | None = _arg(None, "Glob of training token shards, e.g. 'data/gpt2_c4/train_*.bin', or "
+                                                "a weighted mixture of named ones: 'web=data/web/*.bin:0.7,"
+                                                "code=data/code/*.bin:0.3'.")
+    eval_file_pattern: str | None = _arg(None, "Glob of evaluation token shards (logged as eval_loss), or named eval "
+                                               "sets 'val=a/*.bin,code=b/*.bin' (eval_val_loss, eval_code_loss). "
+                                               "Without it, no evaluation runs.")
+    tokenizer_name: str | None = _arg(None, "The tokenizer saved with every checkpoint and main/ (a folder or Hub id). "
+                                            "Default: the one `timl tokenize` wrote beside the training shards.")
+    max_train_tokens: int | None = _arg(None, "Train on this many tokens (rounded down to whole steps), repeating "
+                                              "the data if needed. Default: --num_train_epochs passes.")
     max_train_steps: int | None = _arg(None, "Train for this many optimizer steps. Excludes --max_train_tokens.")
+    num_train_epochs: float = _arg(1.0, "Passes over the training data (may be fractional), when neither "
+                                        "--max_train_steps nor --max_train_tokens is given.")
+    shuffle: bool = _arg(False, "Read each epoch of the training data in a different order: a permutation of "
+                                "sequences, seeded by --seed, the same on every run and world size.")
     max_eval_tokens: int | None = _arg(None, "Evaluate on the first this many tokens. Default: the whole eval set.")
     max_eval_steps: int | None = _arg(None, "Evaluate on the first this many batches. Excludes --max_eval_tokens.")
 
@@ -47,7 +58,8 @@ class TrainingArguments:
     per_device_eval_batch_size: int = _arg(64, "Sequences per process per evaluation forward pass.")
 
     learning_rate: float = _arg(6e-4, "Peak learning rate.")
-    weight_decay: float = _arg(0.1, "AdamW weight decay; never applied to biases and norm weights.")
+    weight_decay: float = _arg(0.1, "AdamW weight decay; never applied to biases and norm weights. Muon's is "
+                                    "--muon_weight_decay.")
     adam_beta1: float = _arg(0.9, "AdamW beta1.")
     adam_beta2: float = _arg(0.95, "AdamW beta2.")
     adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
@@ -57,6 +69,9 @@ class TrainingArguments:
     muon_learning_rate: float = _arg(0.02, "Muon's peak learning rate (0.02, as in Keller Jordan's Muon and "
                                            "modded-nanogpt).")
     muon_momentum: float = _arg(0.95, "Muon's Nesterov momentum (0.95, as in Keller Jordan's Muon).")
+    muon_weight_decay: float = _arg(0.0, "Muon's decoupled weight decay: each step scales its weights by 1 - lr × "
+                                         "this. 0, as modded-nanogpt's GPT-2 runs with Muon. --weight_decay is "
+                                         "AdamW's alone: at Muon's lr, 0.1 would decay 33× faster than AdamW's.")
     decay_embeddings: bool = _arg(True, "Apply weight decay to the input and output embeddings.")
     z_loss_coefficient: float = _arg(0.0, "Add this × mean(logsumexp(logits)²) to the loss (PaLM's z-loss, 1e-4 "
                                           "there); logged as train_z_loss. 0 turns it off.")
@@ -78,6 +93,16 @@ class TrainingArguments:
     full_determinism: bool = _arg(False, "Deterministic algorithms everywhere (slower); see transformers' docs.")
     bf16: bool = _arg(True, "bf16 autocast on GPUs. Ignored on the CPU, which trains in fp32.")
     torch_compile: bool = _arg(False, "Compile the model's forward together with the loss.")
+    torch_compile_mode: str | None = _arg(None, "torch.compile's mode: default, reduce-overhead, max-autotune or "
+                                                "max-autotune-no-cudagraphs.")
+    regional_compilation: bool = _arg(False, "With --torch_compile: compile each transformer block on its own "
+                                             "(one graph, reused by every block) instead of the whole model: a much "
+                                             "faster first step; the rest runs eager.")
+    activation_checkpointing: bool = _arg(False, "Recompute each transformer block's activations in the backward "
+                                                 "instead of keeping them: far less memory, about a third more "
+                                                 "compute. Works with DDP and FSDP.")
+    fp8: str | None = _arg(None, "FP8 training of the decoder's linear layers through torchao: tensorwise or "
+                                 "rowwise scaling (needs a GPU of compute capability 8.9 or more, e.g. H100).")
     pad_vocab_size_to: int | None = _arg(None, "Pad the vocab to a multiple of this (64 is fast on GPUs); padded "
                                                "rows never get probability mass, and the config states the padding.")
 
@@ -91,8 +116,11 @@ class TrainingArguments:
     hub_private: bool | None = _arg(None, "Create the Hub repo private.")
     hub_target: str = _arg("hub", "Where --push_to_hub uploads go: 'hub', or a local or mounted folder, written as "
                                   "FOLDER/<revision>/ (for clusters without Hub access).")
-    preemption_upload_seconds: float = _arg(60.0, "On SIGTERM or SIGINT, how long pending uploads may take after "
-                                                  "the last checkpoint is saved.")
+    preemption_upload_seconds: float = _arg(20.0, "On SIGTERM or SIGINT, how long pending uploads may take after "
+                                                  "the checkpoint is saved. Launchers send SIGKILL 30 s after SIGTERM "
+                                                  "(torchrun, accelerate launch, SLURM's default KillWait), so the "
+                                                  "step, the save and this must fit in 30 s; an upload that does not "
+                                                  "finish stays on disk.")
 
     forward_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of extra keyword arguments for model.forward.")
     loss_implementation: str = _arg("auto", "How the training loss is computed: auto (the fastest exact path), "
@@ -174,6 +202,14 @@ class TrainingArguments:
             problems.append(f"--report_to names unknown trackers: {', '.join(sorted(unknown))}")
         from timl.losses import LOSS_PATHS
 
+        if self.fp8 not in (None, "tensorwise", "rowwise"):
+            problems.append(f"--fp8 {self.fp8!r} is not a recipe: use tensorwise or rowwise")
+        if self.regional_compilation and not self.torch_compile:
+            problems.append("--regional_compilation needs --torch_compile")
+        modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.torch_compile_mode not in modes:
+            problems.append(f"--torch_compile_mode {self.torch_compile_mode!r} is not one of {', '.join(modes[1:])}")
+
         if self.loss_implementation not in ("auto", *LOSS_PATHS):
             problems.append(f"--loss_implementation {self.loss_implementation!r} is not one of auto, "
                             f"{', '.join(LOSS_PATHS)}")
@@ -186,6 +222,8 @@ class TrainingArguments:
             problems.append("--z_loss_coefficient does not work with --use_cut_cross_entropy, which has no z-loss")
         if self.z_loss_coefficient < 0:
             problems.append(f"--z_loss_coefficient must be 0 or more, got {self.z_loss_coefficient}")
+        if self.muon_weight_decay < 0:
+            problems.append(f"--muon_weight_decay must be 0 or more, got {self.muon_weight_decay}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"--save_total_limit must be positive, got {self.save_total_limit}")
         if self.push_to_hub and self.hub_target == "hub" and not self.hub_model_id:
@@ -193,14 +231,14 @@ class TrainingArguments:
         return problems
 
     def _check_files(self) -> list[str]:
-        problems = []
-        for name in ("train_file_pattern", "eval_file_pattern"):
-            pattern = getattr(self, name)
-            if pattern is not None:
-                try:
-                    list_shards(pattern)
-                except (ShardError, OSError) as error:
-                    problems.append(f"--{name}: {error}")
+        """The file patterns' syntax (timl/sources.py), weights and files; and a length for a mixture."""
+        problems = source_problems("--train_file_pattern", self.train_file_pattern, weighted=True)
+        problems += source_problems("--eval_file_pattern", self.eval_file_pattern, weighted=False)
+        if is_mixture(self.train_file_pattern) and not (self.max_train_steps or self.max_train_tokens):
+            problems.append("--train_file_pattern names several sources, which have no common epoch: give "
+                            "--max_train_steps or --max_train_tokens")
+        if not self.num_train_epochs > 0:
+            problems.append(f"--num_train_epochs must be positive, got {self.num_train_epochs}")
         return problems
 
     @property

@@ -1,56 +1,54 @@
-"""Checkpoints that resume exactly and never look complete when they are not.
+"""Checkpoints that resume exactly, on any number of processes, and never look complete when they are not.
 
 `output_dir/step{N}/` holds:
-  model.safetensors, config.json   the model, by save_pretrained: loadable with from_pretrained
-  optimizer_{i}.pt, scheduler_{i}.pt  every optimizer's and schedule's state dict, read back with
-                                   torch.load(weights_only=True)
-  rng_state_{rank}.pt              Python, NumPy, torch and CUDA generator states of every rank
+  .metadata, __{rank}_0.distcp     the model, optimizer and scheduler tensors in torch.distributed.checkpoint
+                                   (DCP): one file per rank, each rank writing its own shard (see timl.train_state)
+  non_tensor_state.json            the optimizers' and schedulers' other values (hyperparameters, group names)
+  rng_state_{rank}.pt              every rank's Python, NumPy, torch and CUDA generator states
   loader_state_{rank}.json         every rank's data-loader position
-  trainer_state.json               step, tokens, tracker run ids, what the data order depends on,
-                                   the arguments without secrets, library versions and git commit
+  config.json, tokenizer files     the model's config (and generation_config.json) and the run's tokenizer, if
+                                   any: what export_hf_model copies beside the weights
+  trainer_state.json               step, tokens, tracker run ids, what the data order depends on, the arguments
+                                   without secrets, library versions and git commit; written last, it marks the
+                                   folder complete
+`output_dir/main/` is the last checkpoint's model alone, as a Hugging Face folder (model.safetensors, config.json):
+`from_pretrained` loads it on one device.
 
-Every file is written into a hidden `.step{N}.tmp/` folder, fsynced, and the folder is renamed into place only when
-all ranks are done: a crash or kill mid-save leaves only the hidden folder, which nothing picks up. Accelerate's
-save_state/load_state would unpickle the RNG states, so timl writes these files itself.
+Every file is written into a hidden `.step{N}.tmp/` folder and fsynced, and rank 0 renames the folder into place once
+all ranks are done: a crash or kill mid-save leaves only the hidden folder, which nothing picks up. Nothing is
+unpickled on loading but DCP's metadata, through an unpickler that admits its own classes alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import re
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_model
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from timl.train_state import (METADATA, NON_TENSOR_STATE, TRAINER_STATE, CheckpointError, export_hf_model,
+                              load_training_state, read_json, save_training_state, write_json, write_model_config)
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
-REQUIRED_FILES = (TRAINER_STATE, "config.json", "optimizer_0.pt", "scheduler_0.pt")
+__all__ = ["CheckpointError", "Checkpointer", "check_shared_output_dir", "export_hf_model", "is_complete",
+           "load_weights", "resolve", "step_folders"]
+
+REQUIRED_FILES = (METADATA, NON_TENSOR_STATE, TRAINER_STATE)
 STEP_FOLDER = re.compile(r"step(\d+)")
 # What the data order and the meaning of a step depend on: a checkpoint continues only the same values. (The world
 # size may change: the loader's state is a stream position. The data itself is checked by the loader's state.)
 DATA_ORDER_KEYS = ("block_size", "train_batch_size")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, read, or used to continue this run."""
-
-
-def copy_checkpoint(source: str | Path, destination: str | Path) -> Path:
-    """Copies a finished checkpoint folder (for example step{N} to main), atomically."""
-    destination = Path(destination)
-    temporary = destination.with_name(f".{destination.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(source, temporary)
-    publish(temporary, destination)
-    return destination
 
 
 def _fresh_temporary(directory: Path) -> Path:
@@ -106,7 +104,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in REQUIRED_FILES) and any(directory.glob("*.safetensors"))
+    return all((Path(directory) / name).is_file() for name in REQUIRED_FILES)
 
 
 def step_folders(output_dir: str | Path) -> list[Path]:
@@ -125,8 +123,9 @@ def resolve(resume_from: str, output_dir: str | Path) -> Path | None:
         path = Path(resume_from)
         if not is_complete(path):
             missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-            raise CheckpointError(f"--resume_from_checkpoint {path} is not a complete timl checkpoint "
-                                  f"(missing: {', '.join(missing) or 'model weights'}).")
+            older = " (it looks like a checkpoint of timl before DCP)" if (path / "optimizer_0.pt").exists() else ""
+            raise CheckpointError(f"--resume_from_checkpoint {path} is not a complete timl checkpoint{older}: "
+                                  f"missing {', '.join(missing)}.")
         return path
     for path in reversed(step_folders(output_dir)):
         if is_complete(path):
@@ -144,71 +143,109 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                               + "\n  ".join(differences) + "\nResume with the checkpoint's values, or start afresh.")
 
 
-def save_weights(model: torch.nn.Module, directory: Path) -> None:
-    """save_pretrained where the model has it; otherwise safetensors and the model's `config` (if any) as JSON,
-    which is what a custom model needs to be reloaded with load_weights."""
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, safe_serialization=True)
-        return
-    save_model(model, str(directory / "model.safetensors"))
-    config = getattr(model, "config", {})
-    write_json(directory / "config.json", config if isinstance(config, dict) else vars(config))
-
-
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Loads save_pretrained's safetensors (sharded or not) into an existing model; tied weights may be absent."""
+    """Loads a Hugging Face folder's safetensors (sharded or not; main/, an export) into an existing model; tied
+    weights may be absent."""
     state: dict[str, torch.Tensor] = {}
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in sorted(Path(directory).glob("*.safetensors")):
         state.update(load_file(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     pointers = {tensor.data_ptr() for name, tensor in model.state_dict().items() if name in state}
     untied = [name for name in missing if model.state_dict()[name].data_ptr() not in pointers]
     if untied or unexpected:
         raise CheckpointError(f"{directory}: the weights do not fit the model (missing {untied}, unexpected "
-                              f"{unexpected}). Resume with the same --model_name and --config_overrides.")
+                              f"{unexpected}). Use the same model and config as the run that saved them.")
 
 
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+def _write_durably(path: Path, value: Any) -> None:
+    with open(path, "wb") as file:
+        torch.save(value, file)
+        file.flush()
+        os.fsync(file.fileno())
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def check_shared_output_dir(output_dir: str | Path, *, local_rank: int, device: torch.device | str = "cpu") -> None:
+    """Checks that every node sees the same output_dir: each rank writes its shard of a checkpoint there and rank 0
+    publishes the folder, so on several nodes it must be a shared filesystem. Rank 0 writes a random token, and each
+    node's local rank 0 reads it back; all ranks raise if any node cannot. Every rank calls it (a no-op alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    output_dir, rank = Path(output_dir), dist.get_rank()
+    # The nonce comes from the OS, not from the generators that a resumed run restores.
+    nonce = torch.tensor([secrets.randbits(62) if rank == 0 else 0], dtype=torch.int64, device=device)
+    dist.broadcast(nonce, src=0)
+    token = output_dir / f".timl_shared_{nonce.item()}"
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(token, nonce.item())
+    dist.barrier()
+    seen = True
+    if local_rank == 0:
+        try:
+            seen = read_json(token) == nonce.item()
+        except (OSError, ValueError):
+            seen = False
+    blind = torch.tensor([0 if seen else 1], dtype=torch.int64, device=device)
+    everyone = [torch.zeros_like(blind) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, blind)
+    dist.barrier()
+    if rank == 0:
+        token.unlink()
+    missing = [index for index, flag in enumerate(everyone) if flag.item()]
+    if missing:
+        raise CheckpointError(
+            f"--output_dir {output_dir} is not shared between the nodes: rank 0 wrote a file there that the node(s) "
+            f"of rank(s) {missing} cannot read (this is rank {rank}, on {socket.gethostname()}). Every rank writes "
+            f"its shard of a checkpoint into output_dir and rank 0 publishes it, so output_dir must be on a "
+            f"filesystem that all nodes mount at the same path (NFS, Lustre, GPFS, a mounted bucket).")
 
 
 class Checkpointer:
-    """Saves, prunes, uploads and loads the checkpoints of one run. Every process calls save and load together."""
+    """Saves, prunes, uploads and loads the checkpoints of one run. Every process calls save and load together.
 
-    def __init__(self, args: Any, accelerator: Any, uploader: Any = None):
-        self.args, self.accelerator, self.uploader = args, accelerator, uploader
+    `model` is the module as trained (DDP-wrapped, fully_shard-ed or plain); `base_model` is the model inside it
+    (the Hugging Face one), whose names and config the checkpoint keeps; `tokenizer`, if given, is saved beside them.
+    """
+
+    def __init__(self, args: Any, accelerator: Any, uploader: Any = None, *, model: torch.nn.Module,
+                 base_model: torch.nn.Module | None = None, tokenizer: Any = None):
+        self.args, self.accelerator, self.uploader, self.tokenizer = args, accelerator, uploader, tokenizer
+        self.model, self.base_model = model, base_model if base_model is not None else model
         self.output_dir = Path(args.output_dir)
 
-    def save(self, step: int, *, model: Any, optimizers: Any, loader: Any, state: dict[str, Any],
-             final: bool = False) -> Path:
+    def save(self, step: int, *, optimizers: Any, loader: Any, state: dict[str, Any], final: bool = False) -> Path:
         accelerator, rank = self.accelerator, self.accelerator.process_index
         directory = self.output_dir / f"step{step}"
         temporary = directory.with_name(f".{directory.name}.tmp")
         if accelerator.is_main_process:
             _fresh_temporary(directory)
         accelerator.wait_for_everyone()
-        torch.save(rng_state(), temporary / f"rng_state_{rank}.pt")
+        save_training_state(temporary, model=self.model, optimizers=optimizers.optimizers,
+                            schedulers=optimizers.schedulers, base_model=self.base_model)
+        _write_durably(temporary / f"rng_state_{rank}.pt", rng_state())
         write_json(temporary / f"loader_state_{rank}.json", loader.state_dict())
-        if accelerator.is_main_process:
-            save_weights(accelerator.unwrap_model(model), temporary)
-            for index, (optimizer, scheduler) in enumerate(zip(optimizers.optimizers, optimizers.schedulers)):
-                torch.save(optimizer.state_dict(), temporary / f"optimizer_{index}.pt")
-                torch.save(scheduler.state_dict(), temporary / f"scheduler_{index}.pt")
-            write_json(temporary / TRAINER_STATE, {**state, "step": step, "world_size": accelerator.num_processes,
-                                                   "optimizers": optimizers.names})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            write_model_config(self.base_model, temporary)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(temporary)
+            write_json(temporary / TRAINER_STATE, {**state, "step": step, "world_size": accelerator.num_processes,
+                                                   "optimizers": optimizers.names})
             publish(temporary, directory)
             self._upload(directory, f"step{step}")
             if final:
-                self._upload(copy_checkpoint(directory, self.output_dir / "main"), "main", final=True)
+                self._upload(self.export(directory, self.output_dir / "main"), "main", final=True)
             self.prune(keep=directory)
         accelerator.wait_for_everyone()
         return directory
+
+    @staticmethod
+    def export(checkpoint_dir: Path, destination: Path) -> Path:
+        """Exports a checkpoint's model to `destination` as a Hugging Face folder, atomically."""
+        temporary = _fresh_temporary(destination)
+        export_hf_model(checkpoint_dir, temporary)
+        publish(temporary, destination)
+        return destination
 
     def _upload(self, directory: Path, revision: str, final: bool = False) -> None:
         if self.uploader is not None:
@@ -229,18 +266,16 @@ class Checkpointer:
             shutil.rmtree(doomed)
             logger.info("Deleted %s (--save_total_limit %d).", path, limit)
 
-    def load(self, path: Path, *, model: Any, optimizers: Any, loader: Any) -> dict[str, Any]:
-        """Restores everything but the RNG (see restore_rng); returns the saved trainer state."""
+    def load(self, path: Path, *, optimizers: Any, loader: Any) -> dict[str, Any]:
+        """Restores everything but the RNG (see restore_rng), resharded onto this run's processes; returns the saved
+        trainer state."""
         state = read_json(path / TRAINER_STATE)
         check_compatible(state.get("data_order", {}), {k: getattr(self.args, k) for k in DATA_ORDER_KEYS}, path)
-        load_weights(self.accelerator.unwrap_model(model), path)
         if state.get("optimizers") != optimizers.names:
             raise CheckpointError(f"{path} holds the state of optimizers {state.get('optimizers')}, but this run has "
                                   f"{optimizers.names}; resume with the same --optim.")
-        for index, (optimizer, scheduler) in enumerate(zip(optimizers.optimizers, optimizers.schedulers)):
-            # Read onto the CPU: load_state_dict moves each state to its parameter's device.
-            optimizer.load_state_dict(torch.load(path / f"optimizer_{index}.pt", map_location="cpu", weights_only=True))
-            scheduler.load_state_dict(torch.load(path / f"scheduler_{index}.pt", weights_only=True))
+        load_training_state(path, model=self.model, optimizers=optimizers.optimizers,
+                            schedulers=optimizers.schedulers, base_model=self.base_model)
         loader.load_state_dict(self._loader_state(path, state["world_size"]))
         return state
 

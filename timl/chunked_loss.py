@@ -15,11 +15,13 @@ Everything is traceable by torch.compile: no `.item()`, no branching on tensor v
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from timl.loader import IGNORE_INDEX
+from timl.losses import finish_head
 
 LogitsConsumer = Callable[[torch.Tensor, torch.Tensor], None]
 """Called with each chunk's fp32 logits [rows, vocab_size] and its labels [rows], e.g. to count correct argmaxes."""
@@ -36,19 +38,6 @@ def default_chunk_rows(vocab_size: int) -> int:
         # A multiple of 8 keeps the chunk matmuls on tensor-core-friendly shapes.
         return rows - rows % 8
     return max(1, rows)
-
-
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                  softcap: float | None) -> torch.Tensor:
-    """fp32 logits of one chunk; `weight` and `bias` are already cut to the real vocabulary."""
-    logits = (hidden @ weight.T).float()
-    if bias is not None:
-        logits = logits + bias.float()
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
 
 
 def _chunk_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,7 +65,7 @@ def _forward_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     losses, lses = [], []
     for start in range(0, hidden.shape[0], rows):
         chunk_labels = labels[start:start + rows]
-        logits = _chunk_logits(hidden[start:start + rows], weight, bias, scale, softcap)
+        logits = finish_head((hidden[start:start + rows] @ weight.T).float(), bias, scale, softcap)
         if logits_consumer is not None:
             logits_consumer(logits, chunk_labels)
         loss, lse, _ = _chunk_losses(logits, chunk_labels)
@@ -109,6 +98,32 @@ def _logit_gradients(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Ten
         d_ce = d_ce * chain
         d_z = None if d_z is None else d_z * chain
     return d_ce, d_z
+
+
+def _chunk_maths(raw_logits: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float,
+                 softcap: float | None, z_loss_coefficient: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Everything one chunk needs between its two matmuls: from its fp32 `hidden @ W.T`, the summed CE, the summed
+    logsumexp² over labelled rows, and the gradients of both with respect to the pre-scale logits."""
+    logits = finish_head(raw_logits, bias, scale, softcap)
+    losses, lse, targets = _chunk_losses(logits, labels)
+    lse_square = torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
+    d_ce, d_z = _logit_gradients(logits, lse, targets, labels, scale, softcap, z_loss_coefficient)
+    return losses.sum(), lse_square, d_ce, d_z
+
+
+_COMPILED_CHUNK_MATHS: list[Callable[..., Any]] = []
+
+
+def _chunk_maths_for(device: torch.device) -> Callable[..., Any]:
+    """On a GPU, the chunk maths compiled on its own: a few fused kernels per chunk, one graph that every
+    full-size chunk reuses. The chunk loop itself stays out of any enclosing compiled graph (see
+    linear_cross_entropy), so that each chunk's buffers are freed before the next one starts."""
+    if device.type != "cuda":
+        return _chunk_maths
+    if not _COMPILED_CHUNK_MATHS:
+        _COMPILED_CHUNK_MATHS.append(torch.compile(_chunk_maths, dynamic=False))
+    return _COMPILED_CHUNK_MATHS[0]
 
 
 class _InputGradients:
@@ -162,13 +177,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         z_grads = _InputGradients(hidden, weight, bias, vocab, needs) if z_loss_coefficient else None
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         lse_square_sum = hidden.new_zeros((), dtype=torch.float32)
+        chunk_maths = _chunk_maths_for(hidden.device)
         for start in range(0, hidden.shape[0], rows):
             chunk_hidden, chunk_labels = matmul_hidden[start:start + rows], labels[start:start + rows]
-            logits = _chunk_logits(chunk_hidden, matmul_weight, real_bias, scale, softcap)
-            losses, lse, targets = _chunk_losses(logits, chunk_labels)
-            ce_sum = ce_sum + losses.sum()
-            lse_square_sum = lse_square_sum + torch.where(chunk_labels != IGNORE_INDEX, lse.square(), 0.0).sum()
-            d_ce, d_z = _logit_gradients(logits, lse, targets, chunk_labels, scale, softcap, z_loss_coefficient)
+            logits = (chunk_hidden @ matmul_weight.T).float()
+            ce, lse_square, d_ce, d_z = chunk_maths(logits, real_bias, chunk_labels, scale, softcap,
+                                                     z_loss_coefficient)
+            ce_sum, lse_square_sum = ce_sum + ce, lse_square_sum + lse_square
             ce_grads.add_chunk(d_ce, start, chunk_hidden, matmul_weight)
             if z_grads is not None:
                 z_grads.add_chunk(d_z, start, chunk_hidden, matmul_weight)
@@ -190,6 +205,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return hidden, weight, bias, None, None, None, None, None, None, None
 
 
+# Traced into a whole-model graph, the unrolled chunk loop let the compiler keep every chunk's logits alive at once
+# (Llama-1B at 8 × 2048 tokens: 54.6 GiB against 42.8 for the one-piece head, on one H100); so the loop runs
+# between compiled regions, with each chunk's maths compiled apart (_chunk_maths_for).
+@torch.compiler.disable
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
                          vocab_size: int | None = None, z_loss_coefficient: float = 0.0,

@@ -51,10 +51,11 @@ class TextEncoder(abc.ABC):
 
 
 class TiktokenEncoder(TextEncoder):
-    def __init__(self, encoding: tiktoken.Encoding):
+    def __init__(self, encoding: tiktoken.Encoding, data_gym_files: tuple[Path, Path] | None = None):
         if TIKTOKEN_EOT not in encoding.special_tokens_set:
             raise TokenizeError(f"tiktoken encoding {encoding.name!r} has no {TIKTOKEN_EOT} special token.")
         self.encoding = encoding
+        self.data_gym_files = data_gym_files  # (vocab.bpe, encoder.json) it was read from, if it was
         self.name = f"tiktoken {encoding.name}"
         self.vocab_size = encoding.n_vocab
         self.eot_id = encoding.eot_token
@@ -83,6 +84,7 @@ class TokenizersEncoder(TextEncoder):
         self.name = f"tokenizers {Path(path).name}"
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.eot_id = eot_id
+        self.eot_token = eot_token
 
     def encode_batch(self, texts: list[str]) -> list[Sequence[int]]:
         return [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
@@ -147,7 +149,8 @@ def load_encoder(
         return TransformersEncoder(tokenizer_name, eot_token, trust_remote_code)
     if tokenizer_path:
         return TokenizersEncoder(tokenizer_path, eot_token)
-    return TiktokenEncoder(load_tiktoken_encoding(encoding_name, bpe_files))
+    files = data_gym_pair(bpe_files) if bpe_files else gpt2_bpe_files() if encoding_name == "gpt2" else None
+    return TiktokenEncoder(load_tiktoken_encoding(encoding_name, bpe_files), files)
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
@@ -193,18 +196,26 @@ def read_bpe_ranks(bpe_files: Sequence[str | os.PathLike]) -> dict[bytes, int]:
                 return tiktoken.load.load_tiktoken_bpe(str(paths[0]))
             except ValueError as error:
                 raise TokenizeError(f"--bpe_files {paths[0]}: not a .tiktoken ranks file ({error}).") from error
-        json_files = [path for path in paths if path.suffix == ".json"]
-        if len(paths) != 2 or len(json_files) != 1:
+        pair = data_gym_pair(paths)
+        if pair is None:
             raise TokenizeError(
                 f"--bpe_files {' '.join(map(str, paths))}: expected one .tiktoken file, or a vocab.bpe and an encoder.json."
             )
-        encoder_json = json_files[0]
-        vocab_bpe = paths[1] if paths[0] == encoder_json else paths[0]
+        vocab_bpe, encoder_json = pair
         try:
             return tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
         except (AssertionError, ValueError, KeyError) as error:
             # tiktoken asserts that encoder.json's ids are the merge order of vocab.bpe.
             raise TokenizeError(f"--bpe_files: {vocab_bpe} and {encoder_json} do not describe the same BPE.") from error
+
+
+def data_gym_pair(bpe_files: Sequence[str | os.PathLike]) -> tuple[Path, Path] | None:
+    """(vocab.bpe, encoder.json) when the files are such a pair, in either order; else None."""
+    paths = [Path(path) for path in bpe_files]
+    json_files = [path for path in paths if path.suffix == ".json"]
+    if len(paths) != 2 or len(json_files) != 1:
+        return None
+    return (paths[1] if paths[0] == json_files[0] else paths[0]), json_files[0]
 
 
 def _gpt2_shaped_definition(name: str, ranks: dict[bytes, int]) -> dict:

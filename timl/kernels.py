@@ -119,3 +119,27 @@ def apply_liger(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
                 setattr(parent, name, liger)
                 replaced += 1
     return [f"liger LayerNorm x{replaced}"] if replaced else []
+
+
+def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device) -> str:
+    """Converts the decoder's linear layers to torchao's float8 training (`recipe`: tensorwise or rowwise). The
+    output head stays in bf16 (its logits feed the loss), as do layers whose sizes are not multiples of 16, which
+    the FP8 matmul needs."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+        raise ValueError(f"--fp8 {recipe} needs a GPU with FP8 tensor cores (compute capability 8.9 or more: H100, "
+                         f"H200, L40S, B200); this run is on {name}.")
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("--fp8 needs torchao: pip install torchao")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def convertible(module: torch.nn.Module, name: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module is not head
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    converted = sum(convertible(module, name) for name, module in model.named_modules())
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=convertible)
+    return f"fp8 {recipe} on {converted} linear layers"

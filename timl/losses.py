@@ -71,17 +71,22 @@ def cross_entropy_and_z_loss(logits: torch.Tensor, labels: torch.Tensor,
     return cross_entropy, z_loss
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0,
-                softcap: float | None = None, vocab_size: int | None = None) -> torch.Tensor:
-    """fp32 logits of an output head: (hidden @ weight.T + bias) × scale, softcapped; rows of weight from
-    `vocab_size` on are padding and get -inf."""
-    logits = (hidden @ weight.T).float()
+def finish_head(logits: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None) -> torch.Tensor:
+    """What a head does after its matmul, on fp32 `hidden @ weight.T`: add the bias, scale, softcap."""
     if bias is not None:
         logits = logits + bias.float()
     if scale != 1.0:
         logits = logits * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0,
+                softcap: float | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """fp32 logits of an output head: (hidden @ weight.T + bias) × scale, softcapped; rows of weight from
+    `vocab_size` on are padding and get -inf."""
+    logits = finish_head((hidden @ weight.T).float(), bias, scale, softcap)
     if vocab_size is not None and weight.shape[0] > vocab_size:
         # Out of place, so that the compiler fuses the mask into the cross-entropy instead of keeping fp32 logits.
         padding = torch.arange(weight.shape[0], device=logits.device) >= vocab_size

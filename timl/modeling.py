@@ -336,3 +336,46 @@ def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.devic
                        "memory and speed of a fused head are lost.", requested, mismatch)
         return "logits", None
     return ("full" if requested == "auto" else requested), head
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> str:
+    """Recomputes each transformer block in the backward (non-reentrant, so it composes with DDP, FSDP and
+    torch.compile)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--activation_checkpointing: {type(model).__name__} does not support gradient "
+                         f"checkpointing (transformers' supports_gradient_checkpointing is off).")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return "activation checkpointing per block"
+
+
+def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: Any) -> torch.nn.Module:
+    """What the training step calls: the prepared module compiled whole (autocast, model and loss in one graph),
+    or, with --regional_compilation, each transformer block compiled in place (one graph that every block
+    reuses), or the module as it is."""
+    if not args.torch_compile:
+        return training
+    options = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
+    if not args.regional_compilation:
+        return torch.compile(training, **options)
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"--regional_compilation: {type(model).__name__} names no transformer block class "
+                         f"(_no_split_modules); use whole-model --torch_compile.")
+    for block in blocks:
+        block.compile(**options)
+    logger.info("Compiled %d %s blocks one by one.", len(blocks), "/".join(sorted(block_names)))
+    return training
+
+
+def check_tied_weights(model: torch.nn.Module) -> None:
+    """Refuses to train a model whose config ties the output head to the input embedding but whose two weights
+    are now separate tensors (a wrapper that re-created parameters): the head would silently never train."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_input_embeddings"):
+        return
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embedding is not None and head.weight is not embedding.weight:
+        raise RuntimeError(f"{type(model).__name__} ties its output head to its input embedding, but after "
+                           f"Accelerate's prepare they are two tensors: the head would never train. With FSDP, set "
+                           f"fsdp_cpu_ram_efficient_loading: false (accelerate_configs/fsdp.yaml does).")

@@ -3,6 +3,10 @@
 Parameter groups follow one rule, here: biases and norm weights never get weight decay; embeddings (input and
 output) get it unless --decay_embeddings false. With --optim muon, Muon takes the 2-D weight matrices of the hidden
 layers, and AdamW takes everything else: embeddings, the output head, norms and biases.
+
+torch's Muon scales each update by a rule of the weight's shape, read as torch.nn.Linear's [out, in]. GPT-2's Conv1D
+stores its weights [in, out], so they go into Muon groups whose lr carries the correction (LR_SCALE): as Newton-Schulz
+orthogonalises a matrix and its transpose alike, their update is then the one of the same weight stored [out, in].
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers import get_scheduler
+from transformers.pytorch_utils import Conv1D
 
 from timl.arguments import TrainingArguments
 
 NORM_CLASSES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
+# A Muon group's lr over --muon_learning_rate, kept in the group (and so in checkpoints) for the logged rate.
+LR_SCALE = "lr_scale"
+FUSED_ADAMW_OPTIMS = ("adamw_torch_fused", "muon")
 
 
 @dataclass
@@ -25,6 +33,15 @@ class OptimizerSet:
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     names: list[str]
+
+    def learning_rates(self) -> dict[str, float]:
+        """The rates of the coming step, named as a log line shows them. `lr` is AdamW's where there is an AdamW
+        (--learning_rate's), else the first optimizer's; with several optimizers, each one's is `lr_<name>` too,
+        Muon's as --muon_learning_rate gives it, before any group's correction."""
+        rates = {f"lr_{name}": scheduler.get_last_lr()[0] / optimizer.param_groups[0].get(LR_SCALE, 1.0)
+                 for name, optimizer, scheduler in zip(self.names, self.optimizers, self.schedulers)}
+        main = rates.get("lr_adamw", next(iter(rates.values())))
+        return {"lr": main, **(rates if len(rates) > 1 else {})}
 
 
 def is_norm_module(module: torch.nn.Module) -> bool:
@@ -68,7 +85,29 @@ def decay_parameter_names(model: torch.nn.Module, decay_embeddings: bool = True)
     return {name for name, kind in parameter_kinds(model).items() if kind in decayed}
 
 
-def _adamw(model: torch.nn.Module, names: set[str], args: TrainingArguments) -> torch.optim.AdamW:
+def transposed_weight_names(model: torch.nn.Module) -> set[str]:
+    """Names of the weights stored [in, out] rather than torch.nn.Linear's [out, in]: those of GPT-2's Conv1D."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return {names[id(m.weight)] for m in model.modules() if isinstance(m, Conv1D) and id(m.weight) in names}
+
+
+def muon_lr_correction(stored_shape: torch.Size | tuple[int, ...]) -> float:
+    """For a weight stored [in, out]: torch Muon's lr adjustment for the [out, in] matrix it is, over the one torch
+    applies to the stored shape. Computed by the helper torch.optim.Muon itself calls, so it follows torch's rule."""
+    from torch.optim._muon import _adjust_lr
+
+    shape = torch.Size(stored_shape)
+    return _adjust_lr(1.0, None, torch.Size((shape[1], shape[0]))) / _adjust_lr(1.0, None, shape)
+
+
+def fused_adamw(optim: str, device: torch.device | str) -> bool:
+    """Whether AdamW runs fused: under adamw_torch_fused and muon, on CUDA. Never on the CPU, where tests and smoke
+    runs keep AdamW's reference implementation; adamw_torch never."""
+    return optim in FUSED_ADAMW_OPTIMS and torch.device(device).type == "cuda"
+
+
+def _adamw(model: torch.nn.Module, names: set[str], args: TrainingArguments,
+           device: torch.device | str) -> torch.optim.AdamW:
     parameters = dict(model.named_parameters())
     decay = decay_parameter_names(model, args.decay_embeddings)
     groups = [
@@ -77,25 +116,39 @@ def _adamw(model: torch.nn.Module, names: set[str], args: TrainingArguments) -> 
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                             fused=args.optim == "adamw_torch_fused" or (args.optim == "muon" and _cuda(model)))
+                             fused=fused_adamw(args.optim, device))
 
 
-def _cuda(model: torch.nn.Module) -> bool:
-    return next(model.parameters()).is_cuda
+def _muon(model: torch.nn.Module, names: list[str], args: TrainingArguments) -> torch.optim.Optimizer:
+    """Muon over the named matrices, one group per lr correction: the uncorrected one first, as the logged rate
+    is read off it, then one for each shape of weight stored [in, out] whose correction is not 1."""
+    parameters = dict(model.named_parameters())
+    transposed = transposed_weight_names(model)
+    by_scale: dict[float, list[torch.nn.Parameter]] = {}
+    for name in names:
+        scale = muon_lr_correction(parameters[name].shape) if name in transposed else 1.0
+        by_scale.setdefault(scale, []).append(parameters[name])
+    ordered = sorted(by_scale.items(), key=lambda item: (item[0] != 1.0, item[0]))
+    # torch decays by the group's lr × weight_decay: dividing by the scale keeps that at the intended
+    # --muon_learning_rate × --muon_weight_decay (times the schedule) in every group.
+    groups = [{"params": params, "lr": args.muon_learning_rate * scale, LR_SCALE: scale,
+               "weight_decay": args.muon_weight_decay / scale} for scale, params in ordered]
+    return torch.optim.Muon(groups, lr=args.muon_learning_rate, momentum=args.muon_momentum,
+                            weight_decay=args.muon_weight_decay)
 
 
-def create_optimizers(model: torch.nn.Module, args: TrainingArguments) -> list[tuple[str, torch.optim.Optimizer]]:
-    """The optimizers --optim asks for, named."""
+def create_optimizers(model: torch.nn.Module, args: TrainingArguments,
+                      device: torch.device | str | None = None) -> list[tuple[str, torch.optim.Optimizer]]:
+    """The optimizers --optim asks for, named. `device` is where the model will train (AdamW is fused on CUDA);
+    by default, where its parameters are now."""
+    device = next(model.parameters()).device if device is None else device
     kinds = parameter_kinds(model)
     if args.optim != "muon":
-        return [("adamw", _adamw(model, set(kinds), args))]
+        return [("adamw", _adamw(model, set(kinds), args, device))]
     if not hasattr(torch.optim, "Muon"):
         raise RuntimeError(f"--optim muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}.")
-    parameters = dict(model.named_parameters())
     matrices = sorted(name for name, kind in kinds.items() if kind == "matrix")
-    muon = torch.optim.Muon([parameters[n] for n in matrices], lr=args.muon_learning_rate,
-                            momentum=args.muon_momentum, weight_decay=args.weight_decay)
-    return [("muon", muon), ("adamw", _adamw(model, set(kinds) - set(matrices), args))]
+    return [("muon", _muon(model, matrices, args)), ("adamw", _adamw(model, set(kinds) - set(matrices), args, device))]
 
 
 def check_groups(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -137,14 +190,16 @@ def create_scheduler(
 
 
 def build_optimizer_set(model: torch.nn.Module, args: TrainingArguments, total_steps: int,
-                        given: list[tuple[torch.optim.Optimizer | None, object]]) -> OptimizerSet:
-    """The user's optimizers (each with its schedule, or --lr_scheduler_type's) or --optim's, checked."""
+                        given: list[tuple[torch.optim.Optimizer | None, object]],
+                        device: torch.device | str | None = None) -> OptimizerSet:
+    """The user's optimizers (each with its schedule, or --lr_scheduler_type's) or --optim's, checked. `device` is
+    where the model will train (the Trainer's accelerator.device); by default, where its parameters are now."""
     if given and given[0][0] is not None:
         optimizers = [optimizer for optimizer, _ in given]
         names = [type(optimizer).__name__.lower() for optimizer in optimizers]
         schedulers = [scheduler or create_scheduler(optimizer, args, total_steps) for optimizer, scheduler in given]
     else:
-        named = create_optimizers(model, args)
+        named = create_optimizers(model, args, device)
         names, optimizers = [name for name, _ in named], [optimizer for _, optimizer in named]
         schedulers = [create_scheduler(optimizer, args, total_steps) for optimizer in optimizers]
     check_groups(model, optimizers)

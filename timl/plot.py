@@ -117,15 +117,27 @@ def run_names(output_dirs: list[Path]) -> list[str]:
 
 
 def draw_figures(runs: list[Run], out: Path, dpi: int, log_y: bool) -> list[Path]:
-    """Writes the figures (metrics.png only where metrics besides the loss were logged); returns their paths."""
+    """Writes the figures of `build_figures` as PNGs in `out`; returns their paths."""
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, fig in build_figures(runs, dpi, log_y).items():
+        fig.savefig(out / filename, dpi=dpi)
+        plt.close(fig)
+        written.append(out / filename)
+    return written
+
+
+def build_figures(runs: list[Run], dpi: int, log_y: bool) -> dict[str, Any]:
+    """The matplotlib figures by file name (metrics.png only where metrics besides the loss were logged). The caller
+    closes them."""
     plt = pyplot()
     from matplotlib.ticker import EngFormatter, LogFormatter, PercentFormatter
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {run.name: colors[index % len(colors)] for index, run in enumerate(runs)}
     title_suffix = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    figures = {}
 
     def figure(filename: str, title: str, panels: list[Panel], lines: Any) -> None:
         """Draws one figure of stacked panels, calling `lines(axis, panel_index)` to draw each one's lines."""
@@ -148,10 +160,7 @@ def draw_figures(runs: list[Run], out: Path, dpi: int, log_y: bool) -> list[Path
             axis.grid(alpha=0.3)
             if axis.get_legend_handles_labels()[0]:
                 axis.legend(fontsize="small")
-        path = out / filename
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        written.append(path)
+        figures[filename] = fig
 
     def plot(axis: Any, run: Run, lines: list[dict[str, Any]], key: str, x: str, label: str | None,
              **style: Any) -> None:
@@ -205,7 +214,7 @@ def draw_figures(runs: list[Run], out: Path, dpi: int, log_y: bool) -> list[Path
                      linestyle="--", marker="o", markersize=4)
 
         figure("metrics.png", "Metrics", [Panel(name, "tokens") for name in metric_names], metrics)
-    return written
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,13 +149,18 @@ def write_shard(path: str | os.PathLike, values: np.ndarray) -> None:
         with open(temporary, "wb") as file:
             file.write(header.tobytes())
             file.write(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        publish_file(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+
+
+def publish_file(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Moves a finished temporary file to `path` durably: fsynced first, so a reader sees the whole file or none."""
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(Path(path).parent)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -6,11 +6,15 @@
         --validation_tokens 32768
 
 Every document becomes the end-of-text token followed by its tokens, and the documents, in dataset order, form one
-stream. The stream is cut into files `{split}_{index:06d}.bin` of exactly --num_tokens_per_file tokens (the last one
-may be shorter), each in timl's shard format and written atomically, so an interrupted run leaves only whole files.
+stream. With --dataset_path text, each file is one document, newlines and all (--sample_by paragraph or line cuts
+files into smaller documents, as datasets' text builder does). The stream is cut into files
+`{split}_{index:06d}.bin` of exactly --num_tokens_per_file tokens (the last one may be shorter), each in timl's
+shard format and written atomically, so an interrupted run leaves only whole files.
 With --validation_tokens N, the first documents, until they reach N tokens, go to `validation_*.bin` instead.
 
-Tokenization runs in --num_proc worker processes, on batches of --chunksize documents, in order.
+Tokenization runs in --num_proc worker processes, on batches of --chunksize documents, in order. The tokenizer is
+saved into --cache_dir too, as a transformers tokenizer, so that `AutoTokenizer.from_pretrained(cache_dir)` decodes
+the shards (see timl/saved_tokenizer.py for the tiktoken encodings that have no such equivalent).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ from tqdm import tqdm
 
 from timl.corpus import PYTHON_DOCS, TEXT_KEY, python_docs_documents
 from timl.encoders import TextEncoder, TokenizeError, encode_in_order, fits_dtype, load_encoder, tokenizer_choice_problem
+from timl.saved_tokenizer import remove_tokenizer_files, save_tokenizer, transformers_tokenizer
 from timl.shards import write_shard
 
 VALIDATION_SPLIT = "validation"
@@ -54,6 +60,13 @@ class TokenizeArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "The dataset's configuration, e.g. en for allenai/c4."})
     dataset_split: str = field(default="train", metadata={"help": "The split to read, which also names the files."})
     dataset_text_key: str = field(default="text", metadata={"help": "The column that holds each document's text."})
+    sample_by: Literal["document", "paragraph", "line"] = field(
+        default="document",
+        metadata={
+            "help": "With --dataset_path text: one document per file, per paragraph (split at blank lines, which are "
+            "dropped) or per line (newlines kept), as datasets' text builder's sample_by."
+        },
+    )
     data_files: list[str] | None = field(default=None, metadata={"help": "Local data files, with --dataset_path text, json, parquet or csv."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it whole first."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "A transformers AutoTokenizer: Hub id or local folder. Its EOS token ends documents."})
@@ -93,6 +106,8 @@ class TokenizeArguments:
             problems.append(f"--max_file_index {self.max_file_index} is below --min_file_index {self.min_file_index}.")
         if self.validation_tokens and self.dataset_split == VALIDATION_SPLIT:
             problems.append(f"--validation_tokens writes {VALIDATION_SPLIT}_*.bin, which --dataset_split {VALIDATION_SPLIT} also names.")
+        if self.sample_by != "document" and self.dataset_path != "text":
+            problems.append(f"--sample_by {self.sample_by} applies only to --dataset_path text.")
         if self.dataset_path == PYTHON_DOCS and self.data_files:
             problems.append(f"--data_files does not apply to --dataset_path {PYTHON_DOCS}.")
         local_files = {
@@ -125,6 +140,9 @@ class TokenizeSummary:
     documents: int = 0
     tokens: int = 0
     tokens_written: int = 0  # fewer than tokens when --min_file_index or --max_file_index leave files out
+    validation_tokens: int = 0
+    longest_validation_document: int = 0  # in tokens, end-of-text included
+    tokenizer_files: list[Path] = field(default_factory=list)
     skipped_rows: int = 0  # rows whose text was not a string (e.g. None)
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0  # the whole run, loading the tokenizer and the dataset included
@@ -139,6 +157,7 @@ class TokenizeSummary:
             f"timl tokenize: {self.documents:,} documents{skipped}, {self.tokens:,} tokens{written}, "
             f"{len(self.files)} files{per_split}, {self.seconds:.1f} s "
             f"({self.tokens / max(self.tokenize_seconds, 1e-9):,.0f} tokens/s while tokenizing)"
+            + ("; tokenizer saved beside them" if self.tokenizer_files else "")
         )
 
 
@@ -154,6 +173,7 @@ def tokenize_dataset(args: TokenizeArguments) -> TokenizeSummary:
             f"Pass --overwrite to replace them, or choose another --cache_dir."
         )
     encoder = _load_encoder(args)
+    tokenizer = transformers_tokenizer(encoder)  # before any work: a tokenizer that cannot be saved is said at once
     batches = _text_batches(args)
     for path in existing:
         path.unlink()
@@ -168,7 +188,8 @@ def tokenize_dataset(args: TokenizeArguments) -> TokenizeSummary:
             summary.documents += len(document_lengths)
             summary.tokens += len(tokens)
             summary.skipped_rows += rows - len(document_lengths)
-            _route(tokens, document_lengths, writers, args.validation_tokens)
+            longest = _route(tokens, document_lengths, writers, args.validation_tokens)
+            summary.longest_validation_document = max(summary.longest_validation_document, longest)
             documents_per_second = summary.documents / (time.perf_counter() - tokenize_start)
             bar.set_postfix_str(f"{documents_per_second:,.0f} docs/s, file {writers[-1].index}", refresh=False)
             bar.update(len(tokens))  # the bar's own rate is tokens/s
@@ -179,9 +200,27 @@ def tokenize_dataset(args: TokenizeArguments) -> TokenizeSummary:
         writer.close()
         summary.files.extend(writer.written)
         summary.tokens_written += writer.tokens_written
+    if tokenizer is not None:
+        summary.tokenizer_files = save_tokenizer(tokenizer, cache_dir)
+    else:
+        remove_tokenizer_files(cache_dir)  # an earlier run's tokenizer would not describe these shards
+    summary.validation_tokens = writers[0].tokens if args.validation_tokens else 0
+    _warn_about_validation(summary, args.validation_tokens)
     summary.tokenize_seconds = time.perf_counter() - tokenize_start
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _warn_about_validation(summary: TokenizeSummary, asked: int) -> None:
+    if not asked:
+        return
+    if summary.validation_tokens > summary.tokens / 2:
+        warnings.warn(f"--validation_tokens {asked:,} sent {summary.validation_tokens:,} of the {summary.tokens:,} "
+                      f"tokens, more than half of the data, to {VALIDATION_SPLIT}_*.bin.", stacklevel=3)
+    if summary.longest_validation_document > asked:
+        warnings.warn(f"One document alone has {summary.longest_validation_document:,} tokens, more than "
+                      f"--validation_tokens {asked:,}: the {VALIDATION_SPLIT} split takes whole documents, so it holds "
+                      f"{summary.validation_tokens:,} tokens.", stacklevel=3)
 
 
 def prepare_python_docs(cache_dir: str | os.PathLike = PYTHON_DOCS_DIR, num_proc: int | None = None) -> tuple[str, str]:
@@ -263,6 +302,9 @@ def _column_batches(args: TokenizeArguments) -> Iterator[dict[str, list]]:
         return
     import datasets
 
+    # A file is one document, newlines kept, unless --sample_by cuts it smaller (datasets' default is one per line,
+    # without newlines).
+    text_options = {"sample_by": args.sample_by, "keep_linebreaks": True} if args.dataset_path == "text" else {}
     try:
         dataset = datasets.load_dataset(
             args.dataset_path,
@@ -271,6 +313,7 @@ def _column_batches(args: TokenizeArguments) -> Iterator[dict[str, list]]:
             data_files=args.data_files,
             streaming=args.streaming,
             num_proc=args.processes if args.processes > 1 and not args.streaming else None,
+            **text_options,
         )
     except StopIteration:  # what datasets' json builder raises for files without a single row: an empty dataset
         return
@@ -287,15 +330,18 @@ def _described(args: TokenizeArguments) -> str:
     return f" ({args.dataset_path}{name}, split {args.dataset_split})"
 
 
-def _route(tokens: np.ndarray, document_lengths: np.ndarray, writers: list[_ShardWriter], validation_tokens: int) -> None:
-    """Sends whole documents to the validation writer until it has validation_tokens tokens, the rest to the last writer."""
-    cut = 0
+def _route(tokens: np.ndarray, document_lengths: np.ndarray, writers: list[_ShardWriter], validation_tokens: int) -> int:
+    """Sends whole documents to the validation writer until it has validation_tokens tokens, the rest to the last
+    writer. Returns the length of the longest document sent to validation (0 if none)."""
+    cut, longest = 0, 0
     if len(writers) > 1 and writers[0].tokens < validation_tokens:
         starts = np.cumsum(document_lengths) - document_lengths
         documents = int(np.searchsorted(starts, validation_tokens - writers[0].tokens))
         cut = int(starts[documents]) if documents < len(starts) else len(tokens)
+        longest = int(document_lengths[:documents].max(initial=0))
         writers[0].add(tokens[:cut])
     writers[-1].add(tokens[cut:])
+    return longest
 
 
 class _ShardWriter:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -21,15 +21,18 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from timl import checkpoint
 from timl.arguments import TrainingArguments
-from timl.kernels import apply_liger
-from timl.modeling import CausalLMForTraining, choose_loss_path, pad_vocab, real_vocab_size
-from timl.loader import BatchLoader, ShardLoader
+from timl.kernels import apply_fp8, apply_liger
+from timl.modeling import (CausalLMForTraining, check_tied_weights, choose_loss_path, compile_model,
+                           enable_activation_checkpointing, pad_vocab, real_vocab_size)
+from timl.loader import BatchLoader
 from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
 from timl.metrics import CrossEntropy, Metric, report
 from timl.optim import OptimizerSet, build_optimizer_set
 from timl.preemption import PreemptionGuard
 from timl.provenance import provenance
 from timl.run_log import RunLog
+from timl.saved_tokenizer import find_tokenizer
+from timl.sources import eval_loader_factories, train_loader
 from timl.summary import RunSummary
 from timl.window import LogWindow, StepResult
 from timl.throughput import flops_per_token, peak_flops
@@ -38,24 +41,6 @@ logger = logging.getLogger(__name__)
 
 LoaderFactory = Callable[[TrainingArguments, Accelerator], BatchLoader]
 """Builds a loader for this process. The eval factory is called before every evaluation and must start afresh."""
-
-
-def shard_loader(args: TrainingArguments, accelerator: Accelerator, *, split: str, vocab_size: int | None) -> ShardLoader:
-    """The default loader factory: timl's ShardLoader over --train_file_pattern or --eval_file_pattern."""
-    train = split == "train"
-    pattern = args.train_file_pattern if train else args.eval_file_pattern
-    if pattern is None:
-        raise ValueError(f"--{split}_file_pattern is needed to load {split} data (or pass a {split}_loader_factory).")
-    return ShardLoader(
-        pattern,
-        block_size=args.block_size,
-        per_device_batch_size=args.per_device_train_batch_size if train else args.per_device_eval_batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        device=accelerator.device,
-        max_tokens=args.max_train_tokens if train else args.max_eval_tokens,
-        vocab_size=vocab_size,
-    )
 
 
 class Trainer:
@@ -97,10 +82,11 @@ class Trainer:
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
         self.vocab_size = vocab_size = real_vocab_size(model)
-        self.train_loader_factory = train_loader_factory or functools.partial(
-            shard_loader, split="train", vocab_size=vocab_size)
-        self.eval_loader_factory = eval_loader_factory or (functools.partial(
-            shard_loader, split="eval", vocab_size=vocab_size) if args.eval_file_pattern else None)
+        self.train_loader_factory = train_loader_factory or functools.partial(train_loader, vocab_size=vocab_size)
+        # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/sources.py).
+        self.eval_loader_factories = eval_loader_factories(args, eval_loader_factory, vocab_size)
+        # Saved into every checkpoint and main/, so that the model loads with its tokenizer (the main process saves).
+        self.tokenizer = find_tokenizer(args.train_file_pattern, args.tokenizer_name)
         self.loss_function = as_global_share(compute_loss_func or next_token_loss)
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
@@ -131,6 +117,10 @@ class Trainer:
                            self.loss_path)
         if self.loss_path == "liger":
             active += apply_liger(model, args.liger_kernel_kwargs)
+        if args.fp8:
+            active.append(apply_fp8(model, args.fp8, self.accelerator.device))
+        if args.activation_checkpointing:
+            active.append(enable_activation_checkpointing(model))
         active.append(f"loss: {self.loss_path}" + (f" through the head ({self.head.describe()})" if self.head else "")
                       + (", compiled with the model" if args.torch_compile else ""))
         self.train_metrics_on = self.loss_path == "logits"
@@ -154,7 +144,7 @@ class Trainer:
                 last_step = step == total_steps
                 # A resumed run's first step was evaluated and saved before the checkpoint was taken.
                 fresh = not saved or step > start_step or last_step
-                if fresh and self.eval_loader_factory and (last_step or _every(step, args.eval_every_steps)):
+                if fresh and self.eval_loader_factories and (last_step or _every(step, args.eval_every_steps)):
                     latest.update(self.log(self.evaluate, window, step))
                 if fresh and (last_step or (step and _every(step, args.save_every_steps))):
                     with window.excluded():
@@ -197,8 +187,7 @@ class Trainer:
         if path is None:
             logger.warning("No checkpoint in %s yet: starting from the beginning.", self.args.output_dir)
             return 0, {}
-        saved = self.checkpointer.load(path, model=self.model, optimizers=self.optim,
-                                       loader=self.train_loader)
+        saved = self.checkpointer.load(path, optimizers=self.optim, loader=self.train_loader)
         self.checkpointer.restore_rng(path)
         logger.info("Resumed from %s at step %d.", path, saved["step"])
         return saved["step"], saved
@@ -208,8 +197,7 @@ class Trainer:
         state = {"tokens": step * self.args.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
                  "data_order": {key: getattr(self.args, key) for key in checkpoint.DATA_ORDER_KEYS},
                  **self.run_config(self.total_steps)}
-        self.checkpointer.save(step, model=self.model, optimizers=self.optim,
-                               loader=self.train_loader, state=state, final=final)
+        self.checkpointer.save(step, optimizers=self.optim, loader=self.train_loader, state=state, final=final)
 
     def stop_for_preemption(self, step: int, guard: PreemptionGuard) -> None:
         self.stopped = True
@@ -236,21 +224,21 @@ class Trainer:
                                       stopped=self.stopped), flush=True)
 
     def count_steps(self, loader: Iterator[Any]) -> int:
-        """Optimizer steps to run: from --max_train_steps or --max_train_tokens, never beyond the data."""
+        """Optimizer steps to run: --max_train_steps, else --max_train_tokens, else --num_train_epochs passes over the
+        data (a loader's length is one pass). The default loaders repeat the data as often as that takes."""
         args = self.args
-        available = len(loader) // args.gradient_accumulation_steps if hasattr(loader, "__len__") else None
+        per_epoch = len(loader) / args.gradient_accumulation_steps if hasattr(loader, "__len__") else None
         if args.max_train_steps:
             steps = args.max_train_steps
         elif args.max_train_tokens:
             steps = args.max_train_tokens // args.tokens_per_step
-        elif available is None:
-            raise ValueError("The train loader has no length: give --max_train_steps.")
+        elif per_epoch is None:
+            raise ValueError("The train loader has no length: give --max_train_steps or --max_train_tokens.")
         else:
-            steps = available
-        if available is not None and steps > available:
-            warnings.warn(f"The train data holds {available} steps of {args.tokens_per_step} tokens, fewer than the "
-                          f"{steps} asked for; training on all of it.", stacklevel=2)
-            steps = available
+            steps = math.floor(args.num_train_epochs * per_epoch + 1e-9)  # 1e-9: 0.29 × 100 is 28.99999...
+        if getattr(loader, "repeat", True) is False and per_epoch is not None and steps > per_epoch:
+            raise ValueError(f"{steps} steps need more than the one pass over the data ({int(per_epoch)} steps) that "
+                             f"the train loader makes: build it with repeat=True.")
         if steps < 1:
             raise ValueError(f"Less than one step of training: a step takes {args.tokens_per_step} tokens "
                              f"(--train_batch_size {args.train_batch_size} × --block_size {args.block_size}).")
@@ -258,17 +246,23 @@ class Trainer:
 
     def prepare(self, total_steps: int) -> None:
         """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
-        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args, total_steps, self.given_optimizers)
+        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args, total_steps, self.given_optimizers,
+                                                       device=self.accelerator.device)
         training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.head, self.kernel_kwargs(),
                                        self.args.forward_kwargs, return_outputs=bool(self.train_metrics),
                                        z_loss_coefficient=self.args.z_loss_coefficient)
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
         self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
-        # Compiling the prepared module puts autocast, the model and the loss into one graph.
-        self.forward_loss = torch.compile(self.training_model) if self.args.torch_compile else self.training_model
+        check_tied_weights(self.model)
+        self.forward_loss = compile_model(self.training_model, self.model, self.args)
         self.total_steps = total_steps
         self.uploader = start_uploader(self.args) if self.accelerator.is_main_process else None
-        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, self.uploader)
+        # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
+        checkpoint.check_shared_output_dir(self.args.output_dir, local_rank=self.accelerator.local_process_index,
+                                           device=self.accelerator.device)
+        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, self.uploader,
+                                                    model=self.training_model, base_model=self.model,
+                                                    tokenizer=self.tokenizer)
 
     def kernel_kwargs(self) -> dict[str, Any]:
         if self.loss_path == "cut_cross_entropy":
@@ -304,8 +298,7 @@ class Trainer:
         grad_norm = torch.zeros(())
         if self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-        learning_rates = {f"lr_{name}": scheduler.get_last_lr()[0]
-                          for name, scheduler in zip(self.optim.names, self.optim.schedulers)}
+        learning_rates = self.optim.learning_rates()
         for optimizer, scheduler in zip(self.optim.optimizers, self.optim.schedulers):
             optimizer.step()
             scheduler.step()
@@ -326,10 +319,10 @@ class Trainer:
         values = {
             "train_loss": loss,
             **({"train_z_loss": z_loss} if self.args.z_loss_coefficient else {}),
-            "lr": next(iter(window.learning_rates.values())),
-            **(window.learning_rates if len(window.learning_rates) > 1 else {}),
+            **window.learning_rates,
             "grad_norm": float(window.grad_norm),
             "tokens": step * self.args.tokens_per_step,
+            **getattr(self.train_loader, "progress", dict)(),  # epoch; tokens and epoch per source of a mixture
             **(report(self.train_metrics, accelerator, "train_") if self.train_metrics_on else {}),
         }
         if self.first_step_seconds is not None:
@@ -350,17 +343,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Eval metrics over the eval data, the same data each time (up to --max_eval_steps batches)."""
+        """Eval metrics over each eval set, the same data each time (up to --max_eval_steps batches a set)."""
         self.training_model.eval()
-        loader = self.eval_loader_factory(self.args, self.accelerator)
-        for index, inputs in enumerate(loader):
-            if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
-                break
-            with self.accelerator.autocast():
-                # Through the prepared module, not the model inside it: FSDP gathers parameters in its forward.
-                self.training_model(inputs, None, self.eval_metrics)
+        values = {}
+        for prefix, factory in self.eval_loader_factories.items():
+            for index, inputs in enumerate(factory(self.args, self.accelerator)):
+                if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
+                    break
+                with self.accelerator.autocast():
+                    # Through the prepared module, not the model inside it: FSDP gathers parameters in its forward.
+                    self.training_model(inputs, None, self.eval_metrics)
+            values.update(report(self.eval_metrics, self.accelerator, prefix))
         self.training_model.train()
-        return report(self.eval_metrics, self.accelerator, "eval_")
+        return values
 
 
 def start_uploader(args: TrainingArguments) -> Any:

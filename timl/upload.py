@@ -4,10 +4,17 @@ The Trainer's main process submits each finished checkpoint folder to an `Upload
 an `UploadTarget` (a Hub model repo, or a local or mounted folder) as its own revision, and retries with backoff.
 The worker's log records and results come back over one queue, which a daemon thread in the main process reads:
 records go to the main process's handlers, results update what is still pending.
+
+Only the trainer ends the worker. Launchers stop a job by signalling whole process groups (torchrun and `accelerate
+launch` killpg each worker's group with SIGTERM, then SIGKILL 30 s later) and SLURM signals every process of the job,
+so the worker also receives the SIGTERM meant for the trainer; it ignores that one and exits only on its parent's
+SIGTERM (`Uploader.close` when its time is up, or multiprocessing's cleanup at exit). The trainer meanwhile saves and
+gives the pending uploads their grace period. The launchers' SIGKILL still ends everything, the worker included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import multiprocessing
@@ -17,7 +24,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -273,6 +280,10 @@ def _work(target: UploadTarget, tasks: multiprocessing.Queue, results: multiproc
     """The upload process: uploads what `tasks` holds until None, and puts log records and results on `results`."""
     # Ctrl-C reaches the whole process group; the trainer decides what becomes of the uploads, through close().
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Blocked before any thread starts, so that every thread inherits the mask and only the watcher receives SIGTERM.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="timl-upload-sigterm",
+                     daemon=True).start()
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # progress bars from a background process garble the console
     secrets = target.secrets() if hasattr(target, "secrets") else []
     logging.getLogger().handlers = [_RedactingQueueHandler(results, secrets)]
@@ -280,13 +291,47 @@ def _work(target: UploadTarget, tasks: multiprocessing.Queue, results: multiproc
         logging.getLogger(name).setLevel(level)
     logging.captureWarnings(True)
     for task_id, folder, revision in iter(tasks.get, None):
-        error = _upload_with_retries(target, folder, revision, attempts, backoff_seconds)
+        try:
+            with loadable_model(Path(folder)) as upload_folder:
+                error = upload_with_retries(target, upload_folder, revision, attempts, backoff_seconds)
+        except Exception as export_error:  # noqa: BLE001 -- reported as this upload's failure
+            error = f"exporting {folder} as a Hugging Face model failed: {export_error!r}"
         results.put((task_id, None if error is None else redact(error, secrets)))
 
 
-def _upload_with_retries(target: UploadTarget, folder: Path, revision: str, attempts: int,
-                         backoff_seconds: float) -> str | None:
-    """Returns None once uploaded, or the last error after `attempts` failures."""
+@contextlib.contextmanager
+def loadable_model(folder: Path) -> Iterator[Path]:
+    """The folder to upload: a step{N} training checkpoint (sharded DCP state) is first exported beside it as a
+    Hugging Face model, here in the upload process so that training never waits for it; main/ is one already."""
+    if not (folder / ".metadata").is_file():
+        yield folder
+        return
+    from timl.train_state import export_hf_model
+
+    staging = folder.with_name(f".{folder.name}.export")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield export_hf_model(folder, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    """The upload process's SIGTERM watcher: the parent's SIGTERM ends the process as SIGTERM does, anyone else's (a
+    launcher's or a scheduler's, meant for the trainer) is logged and ignored."""
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == parent:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            signal.raise_signal(signal.SIGTERM)
+        logger.info("The upload process ignores the SIGTERM from process %d: the trainer ends it once the pending "
+                    "uploads are done or their time is up.", sender)
+
+
+def upload_with_retries(target: UploadTarget, folder: Path, revision: str, attempts: int, backoff_seconds: float,
+                        sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """Returns None once uploaded, or the last error after `attempts` failures; between tries it calls `sleep` with
+    `backoff_seconds`, then twice as long each time."""
     for attempt in range(1, attempts + 1):
         start = time.perf_counter()
         try:
@@ -298,7 +343,7 @@ def _upload_with_retries(target: UploadTarget, folder: Path, revision: str, atte
             delay = backoff_seconds * 2 ** (attempt - 1)
             logger.warning("Upload of %s as %s failed (attempt %d of %d): %s: %s; retrying in %.3g s.", folder,
                            revision, attempt, attempts, type(error).__name__, error, delay)
-            time.sleep(delay)
+            sleep(delay)
         else:
             logger.info("Uploaded %s as %s in %.1f s.", folder, revision, time.perf_counter() - start)
             return None

