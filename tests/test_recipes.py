@@ -26,7 +26,19 @@ def test_quickstart_makes_its_shards_and_trains_under_accelerate_launch_with_the
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
     assert "Quickstart done" in result.stdout and "best eval loss" in result.stdout
     assert "--resume_from_checkpoint latest" in result.stdout
-    assert (tmp_path / "run" / "main" / "model.safetensors").exists()
+    # main/ is a model for users: weights, config, tokenizer; no training state. It loads and generates offline.
+    main = tmp_path / "run" / "main"
+    assert {p.name for p in main.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                                "tokenizer.json", "tokenizer_config.json"}
+    script = (f"from transformers import AutoTokenizer, pipeline\n"
+              f"print(AutoTokenizer.from_pretrained({str(main)!r})('Hello world')['input_ids'])\n"
+              f"out = pipeline('text-generation', model={str(main)!r})('def main', max_new_tokens=4, do_sample=False)\n"
+              f"print(repr(out[0]['generated_text']))\n")
+    generated = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    ids, text = generated.stdout.strip().splitlines()[-2:]
+    assert ids == "[15496, 995]"
+    assert eval(text).startswith("def main") and len(eval(text)) > len("def main")
 
 
 def test_the_custom_gpt_recipe_trains_a_self_written_model(tmp_path):
