@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume after kill -9 (one and two processes), atomic saves, keep-last-N, SIGTERM, safety."""
+"""Checkpoints: exact resume after kill -9 (one and two processes), atomic saves, keep-last-N, SIGTERM, rollbacks,
+safety."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl import checkpoint
 from timl.arguments import TrainingArguments
+from timl.callbacks import TrainerCallback
 from timl.recipe import ModelArguments, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +113,26 @@ def test_sigterm_saves_at_the_step_and_exits_cleanly_then_resumes(data):
     assert list(train_losses(data / "run")) == list(range(1, 151))
 
 
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data):
+    """Each process reads the all-reduced stop votes a step late (no host sync per step), and still all stop at once."""
+    process = launch(argv(data, data / "run", "--max_train_steps", "30"), processes=2)
+    wait_for_step(data / "run", 5, process)
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if child.environ().get("RANK") == "1" and "gpt2_c4.py" in " ".join(child.cmdline())]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGTERM)
+    stderr = finish(process)
+    assert "Received SIGTERM" in stderr and "Stopped by a stop signal from another process" in stderr
+    stopped = max(train_losses(data / "run"))
+    assert stopped < 30 and checkpoint.is_complete(data / "run" / f"step{stopped}")
+    folder = data / "run" / f"step{stopped}"
+    assert (folder / "__1_0.distcp").exists()
+    assert (folder / "loader_state_0.json").read_text() == (folder / "loader_state_1.json").read_text()
+    finish(launch(argv(data, data / "run", "--max_train_steps", "30", "--resume_from_checkpoint", "latest"),
+                  processes=2))
+    assert list(train_losses(data / "run")) == list(range(1, 31))
+
+
 def tiny_args(data_dir: Path, **overrides) -> TrainingArguments:
     values = dict(output_dir=str(data_dir / "run"), train_file_pattern=str(data_dir / "train_*.bin"), block_size=16,
                   train_batch_size=8, per_device_train_batch_size=4, max_train_steps=8, save_every_steps=2,
@@ -150,6 +172,60 @@ def test_keep_last_n_keeps_the_newest_and_main(data):
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, save_total_limit=2))
     names = sorted(p.name for p in (data / "run").iterdir() if p.is_dir())
     assert names == ["main", "step6", "step8"]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.step == self.step
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(data, caplog):
+    run = data / "run"
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data))  # step2, step4, step6, step8
+    old_step8 = (run / "step8" / "__0_0.distcp").read_bytes()
+    with caplog.at_level("WARNING"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, save_total_limit=2, resume_from_checkpoint=str(run / "step4")), callbacks=[StopAt(6)])
+    assert "later checkpoints of the run it rolls back are set aside" in caplog.text
+    # The new run's step6 is the newest, and --save_total_limit counted only its own history.
+    assert [path.name for path in checkpoint.step_folders(run)] == ["step4", "step6"]
+    assert checkpoint.resolve("latest", run) == run / "step6"
+    abandoned = sorted(path.name.split(".abandoned-")[0] for path in run.glob(".step*.abandoned-*"))
+    assert abandoned == [".step6", ".step8"]
+    (old8,) = run.glob(".step8.abandoned-*")
+    assert checkpoint.is_complete(old8) and (old8 / "__0_0.distcp").read_bytes() == old_step8  # nothing is lost
+    assert max(r["step"] for r in read_metrics(run)) == 6
+    # The run goes on from its own step6.
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, resume_from_checkpoint="latest"))
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
+
+
+class SignalAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.step == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_stops_after_the_next_step_and_leaves_that_steps_evaluation_to_the_resumed_run(data, capsys):
+    """SIGTERM during step 4 is read after step 5, an eval step: the run saves step5 at once, without main/ or the
+    evaluation, which the resumed run makes first. Every loss, train and eval, equals an uninterrupted run's."""
+    values = dict(max_train_steps=10, eval_every_steps=5, save_every_steps=0,
+                  eval_file_pattern=str(data / "validation_*.bin"))
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, output_dir=str(data / "reference"), **values))
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, **values), callbacks=[SignalAt(3)])
+    assert "timl: stopped by SIGTERM at step 5 of 10" in capsys.readouterr().out
+    assert max(train_losses(data / "run")) == 5 and not (data / "run" / "main").exists()
+    assert [r["step"] for r in read_metrics(data / "run") if "eval_loss" in r] == [0]
+    assert json.loads((data / "run" / "step5" / "trainer_state.json").read_text())["eval_pending"]
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, **values, resume_from_checkpoint="latest"))
+    strip = lambda run: [{k: v for k, v in r.items() if "loss" in k or k == "step"} for r in read_metrics(data / run)]
+    assert strip("run") == strip("reference")
 
 
 def test_resume_with_another_block_size_says_what_differs(data):

@@ -76,3 +76,18 @@ def test_weighted_loader_writes_aligned_weights_and_the_loss_uses_them(data, tmp
     first_batch = weights[: 8 * 16]
     assert 0.6 < first_batch.mean() < 0.9
     assert records[1]["train_loss"] / records[0]["eval_loss"] == pytest.approx(first_batch.mean(), abs=0.03)
+
+
+def test_a_custom_callback_stops_the_run_which_then_resumes_to_the_end(data, tmp_path):
+    # Any eval loss meets a target of 100: the run stops at step 0's evaluation, with a checkpoint and main/.
+    result = run_example("callbacks", data, tmp_path / "run", "--target_eval_loss", "100")
+    assert "eval loss target 100.0: reached at step 0" in result.stdout
+    assert "timl: stopped by StopAtEvalLoss at step 0 of 4" in result.stdout
+    assert (tmp_path / "run" / "step0" / "trainer_state.json").exists() and (tmp_path / "run" / "main").exists()
+    # None meets a target of 0: resumed, the run goes on to its last step.
+    result = run_example("callbacks", data, tmp_path / "run", "--target_eval_loss", "0",
+                         "--resume_from_checkpoint", "latest")
+    assert "eval loss target 0.0: not reached" in result.stdout
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]

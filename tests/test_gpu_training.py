@@ -1,6 +1,7 @@
 """The Trainer end to end on a GPU: bf16 autocast, the model compiled with its loss, a fused loss path, CUDA RNG
-restored on resume, MFU and memory logged; and FSDP2 through Accelerate's config, on one process (which still
-shards through DTensor). Skipped without CUDA; run on the lent GPU and recorded in benchmarks/RESULTS.md.
+restored on resume, MFU and memory logged, no host sync between log lines; and FSDP2 through Accelerate's config, on
+one process (which still shards through DTensor). Skipped without CUDA; run on the lent GPU and recorded in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -139,3 +140,28 @@ def test_kill_9_and_resume_continues_within_the_run_to_run_noise(shards, tmp_pat
             total += F.cross_entropy(logits.flatten(0, 1), labels.cuda(), ignore_index=-100, reduction="sum").item()
     logged = [r for r in records if "eval_loss" in r][-1]["eval_loss"]
     assert total / (len(stream) - 1) == pytest.approx(logged, rel=1e-2)  # every eval token, whole batches or not
+
+
+def test_the_steps_between_log_lines_make_no_host_sync(shards, tmp_path):
+    """Between log lines the loop reads nothing from the GPU, the stop votes included (each step's are read one step
+    later, timl.window.StopVotes): a run of 24 steps makes as many synchronizing calls as one of 8."""
+    import warnings
+
+    from timl.arguments import TrainingArguments
+    from timl.recipe import ModelArguments, pretrain
+
+    def synchronizing_calls(steps: int) -> int:
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{steps}"),
+                                 train_file_pattern=str(shards / "train_*.bin"), block_size=128, train_batch_size=16,
+                                 per_device_train_batch_size=8, max_train_steps=steps, log_every_steps=1000,
+                                 eval_every_steps=0, save_every_steps=0, report_to="none")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pretrain(ModelArguments(model_name="gpt2", config_overrides=MODELS["gpt2"][3]), args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(warning.message) for warning in caught)
+
+    assert synchronizing_calls(8) == synchronizing_calls(24)

@@ -1,8 +1,13 @@
-"""The Trainer on the CPU: learning, exact eval loss, hooks, DDP over gloo, the original command line."""
+"""The Trainer on the CPU: learning, exact eval loss, hooks, DDP over gloo, the original command line, and the run's
+lifecycle: resume, a finished run, the summary of a resumed run, a crash."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import SchedulerType
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
-from timl.arguments import TrainingArguments, parse_args
+from timl.arguments import METRIC_SCHEDULERS, TrainingArguments, parse_args
 from timl.metrics import Accuracy, Perplexity
 from timl.recipe import ModelArguments, pretrain
+from timl.shards import write_shard
+from timl.window import StopVotes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,8 +163,6 @@ ORIGINAL_COMMAND = (
 
 def test_the_original_command_line_runs_offline_in_debug_mode(tmp_path):
     rng = np.random.default_rng(0)
-    from timl.shards import write_shard
-
     write_shard(tmp_path / "train_000000.bin", rng.integers(0, 256, 600_000).astype(np.uint16))
     write_shard(tmp_path / "validation_000000.bin", rng.integers(0, 256, 70_000).astype(np.uint16))
     argv = ORIGINAL_COMMAND.format(out=tmp_path / "out", data=tmp_path).split()
@@ -211,3 +217,207 @@ def test_without_a_wandb_login_wandb_runs_offline_and_says_so(data, monkeypatch,
     assert sum("W&B runs offline" in record.message for record in caplog.records) == 1
     runs = list((data_dir / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+class PositionAtCreation:
+    """A loader whose iterator takes the loader's position when it is made, as a class-based iterator (torchdata's
+    StatefulDataLoader) does. It serves batch k of a fixed token stream as its k-th batch, and records which."""
+
+    def __init__(self, stream: np.ndarray, batch_size: int, block_size: int):
+        self.stream = torch.from_numpy(stream.astype(np.int64))
+        self.batch_size, self.block_size = batch_size, block_size
+        self.position, self.served = 0, []
+
+    def __iter__(self):
+        return _BatchesFrom(self, self.position)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        size = self.batch_size * self.block_size
+        tokens = self.stream[index * size : (index + 1) * size + 1]
+        return {"input_ids": tokens[:-1].view(self.batch_size, -1), "labels": tokens[1:].view(self.batch_size, -1)}
+
+
+class _BatchesFrom:
+    def __init__(self, loader: PositionAtCreation, start: int):
+        self.loader, self.index = loader, start
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        index, self.index = self.index, self.index + 1
+        self.loader.position = self.index
+        self.loader.served.append(index)
+        return self.loader.batch(index)
+
+
+def test_a_loader_whose_iterator_takes_its_position_when_made_resumes_at_that_position(data):
+    data_dir, _ = data
+    stream = np.random.default_rng(0).integers(0, 64, 4096)
+    loaders = []
+
+    def factory(args, accelerator):
+        loaders.append(PositionAtCreation(stream, args.per_device_train_batch_size, args.block_size))
+        return loaders[-1]
+
+    values = dict(train_batch_size=4, per_device_train_batch_size=4, eval_every_steps=0)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=3, **values),
+             train_loader_factory=factory)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=6, **values,
+             resume_from_checkpoint="latest"), train_loader_factory=factory)
+    assert loaders[0].served == [0, 1, 2]
+    assert loaders[1].served == [3, 4, 5]
+
+
+def test_resuming_a_finished_run_writes_nothing_and_says_so(data, capsys):
+    data_dir, _ = data
+    run = data_dir / "run"
+    values = dict(max_train_steps=4, eval_every_steps=2, save_every_steps=2, log_every_steps=1)
+    latest = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, **values))
+    files = lambda: {path: (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None)
+                     for path in run.rglob("*")}
+    written = files()
+    capsys.readouterr()
+    again = pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                     tiny_args(data_dir, **values, resume_from_checkpoint="latest"))
+    assert capsys.readouterr().out == (f"timl: {run} is already finished at step 4 ({run}/main holds its model); "
+                                       f"nothing to do.\n")
+    assert files() == written  # metrics.jsonl byte for byte, no new folder or file
+    assert again == latest
+    # An older checkpoint at the last step these arguments ask for: nothing to do either, and nothing rolled back.
+    pretrain(ModelArguments(config_overrides=TINY_GPT2),
+             tiny_args(data_dir, **{**values, "max_train_steps": 2}, resume_from_checkpoint=str(run / "step2")))
+    assert capsys.readouterr().out == (f"timl: {run / 'step2'} is at step 2, and these arguments ask for 2 steps; "
+                                       f"nothing to do.\n")
+    assert files() == written
+
+
+def test_the_summary_after_a_resume_covers_the_whole_run(data, tmp_path, capsys):
+    """The first session stops at step 3 of 6; the second one evaluates another eval set (random tokens, so a higher
+    loss): the best eval loss is the first session's, and tokens and time are the whole run's."""
+    data_dir, _ = data
+    write_learnable_shards(tmp_path, 640, "learnable", seed=1)
+    write_shard(tmp_path / "random_000000.bin", np.random.default_rng(2).integers(0, 64, 640).astype(np.uint16))
+    from timl.callbacks import TrainerCallback
+    from timl.sources import eval_loader
+
+    class StopAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.step == 3
+
+    def run(eval_prefix: str, **overrides):
+        factory = functools.partial(eval_loader, pattern=str(tmp_path / f"{eval_prefix}_*.bin"), vocab_size=64)
+        return pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                        tiny_args(data_dir, max_train_steps=6, eval_every_steps=3, log_every_steps=1, **overrides),
+                        eval_loader_factory=factory, callbacks=[StopAtStep3()] if not overrides else [])
+
+    run("learnable")
+    checkpoint_seconds = json.loads((data_dir / "run" / "step3" / "trainer_state.json").read_text())[
+        "run_state"]["elapsed_seconds"]
+    capsys.readouterr()
+    run("random", resume_from_checkpoint="latest")
+    summary = capsys.readouterr().out
+    first = re.search(r"timl: trained on ([\d,]+) tokens in ([\d.]+) s \(this session: steps 3 to 6, ([\d,]+) tokens "
+                      r"in ([\d.]+) s\)\.", summary)
+    assert first, summary
+    assert first[1] == f"{6 * 128:,}" and first[3] == f"{3 * 128:,}"
+    assert float(first[2]) == pytest.approx(checkpoint_seconds + float(first[4]), abs=0.15)
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(data_dir / "run") if "eval_loss" in r}
+    assert list(evals) == [0, 3, 6] and evals[3] < evals[6]
+    assert f"best eval loss {evals[3]:.4f} at step 3" in summary
+    # elapsed_seconds goes on from the checkpoint's, across sessions.
+    resumed = [r["elapsed_seconds"] for r in read_metrics(data_dir / "run") if r["step"] > 3]
+    assert resumed == sorted(resumed) and resumed[0] > checkpoint_seconds
+    # So do the timed steps behind the mean tokens/s: each session times all its steps but its first.
+    timed = lambda step: json.loads((data_dir / "run" / f"step{step}" / "trainer_state.json").read_text())[
+        "run_state"]["timed_tokens"]
+    assert timed(3) == 2 * 128 and timed(6) == 4 * 128
+
+
+class FailsAtBatch:
+    """The default train loader, raising at its `index`-th batch, as a failing disk would."""
+
+    def __init__(self, inner, index: int):
+        self.inner, self.index = inner, index
+
+    def __iter__(self):
+        for index, batch in enumerate(self.inner):
+            if index == self.index:
+                raise OSError("the disk went away")
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_an_exception_mid_run_closes_the_trackers_and_lets_pending_uploads_finish(data, tmp_path, monkeypatch):
+    """A save at step 4 queues an upload that can finish only once the trainer waits for it; the loader then fails
+    at step 6. The exception reaches the caller only after the upload is done and the trackers are closed."""
+    from accelerate import Accelerator
+    from upload_targets import GatedTarget, open_gate_when_logged
+
+    import timl.trainer
+    from timl.sources import train_loader
+    from timl.upload import Uploader
+
+    data_dir, _ = data
+    uploads = tmp_path / "uploads"
+    monkeypatch.setattr(timl.trainer, "start_uploader", lambda args: Uploader(
+        GatedTarget(uploads, tmp_path / "upload_started", tmp_path / "gate")))
+    ended = []
+    end_training = Accelerator.end_training
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: (ended.append(True), end_training(self))[1])
+    args = tiny_args(data_dir, max_train_steps=8, save_every_steps=4, eval_every_steps=0, train_batch_size=4,
+                     push_to_hub=True, hub_target=str(uploads))
+    factory = lambda args, accelerator: FailsAtBatch(train_loader(args, accelerator, vocab_size=64), 5)
+    with (open_gate_when_logged(tmp_path / "gate", "Waiting for 1 checkpoint upload(s) to finish"),
+          pytest.raises(OSError, match="the disk went away")):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=factory)
+    assert (uploads / "step4" / "model.safetensors").exists()
+    assert ended == [True]
+    assert max(r["step"] for r in read_metrics(data_dir / "run")) == 5
+
+
+@pytest.mark.parametrize("name", [s.value for s in SchedulerType])
+def test_schedulers_stepped_on_a_metric_are_refused_and_the_list_matches_transformers(name):
+    from transformers import get_scheduler
+
+    needs_kwargs = {"cosine_with_min_lr": {"min_lr": 0.0}, "cosine_warmup_with_min_lr": {"min_lr": 0.0},
+                    "warmup_stable_decay": {"num_decay_steps": 2}}
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = get_scheduler(name, probe, num_warmup_steps=1, num_training_steps=10,
+                              scheduler_specific_kwargs=needs_kwargs.get(name))
+    required = [p for p in inspect.signature(scheduler.step).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    assert bool(required) == (name in METRIC_SCHEDULERS)
+    if name in METRIC_SCHEDULERS:
+        with pytest.raises(ValueError, match=f"--lr_scheduler_type {name} steps on a metric"):
+            TrainingArguments(lr_scheduler_type=name, report_to="none")
+    else:
+        TrainingArguments(lr_scheduler_type=name, lr_scheduler_kwargs=needs_kwargs.get(name), report_to="none")
+
+
+def test_grad_norm_is_logged_when_clipping_is_off(data):
+    data_dir, _ = data
+    norms = {}
+    for max_grad_norm in (0.0, 1e9):  # off, and a bound no gradient reaches: the same training
+        output_dir = data_dir / f"clip{max_grad_norm}"
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(
+            data_dir, output_dir=str(output_dir), max_grad_norm=max_grad_norm, max_train_steps=3, log_every_steps=1,
+            eval_every_steps=0))
+        norms[max_grad_norm] = [r["grad_norm"] for r in read_metrics(output_dir) if "grad_norm" in r]
+    assert all(norm > 0 for norm in norms[0.0])
+    assert norms[0.0] == pytest.approx(norms[1e9], rel=1e-6)
+
+
+def test_stop_votes_are_read_one_step_late_on_every_process():
+    """Reading a step's own vote would wait for the device every step; all processes read the same count a step
+    later, so they still stop together."""
+    votes = StopVotes(torch.device("cpu"))
+    assert [votes.swap(torch.tensor(float(v))) for v in (0, 0, 2, 0, 1)] == [False, False, False, True, False]

@@ -21,6 +21,9 @@ from timl.sources import is_mixture, source_problems
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "muon")
 SECRET_FIELDS = ("hub_token",)
+# Schedulers whose step takes a metric (ReduceLROnPlateau, GreedyLR). timl steps every schedule once per optimizer step
+# and with no metric, so it refuses them (tests/test_trainer.py checks this list against transformers').
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 JSON_FIELDS = ("lr_scheduler_kwargs", "forward_kwargs", "liger_kernel_kwargs", "cut_cross_entropy_kwargs")
 
 
@@ -63,7 +66,8 @@ class TrainingArguments:
     adam_beta1: float = _arg(0.9, "AdamW beta1.")
     adam_beta2: float = _arg(0.95, "AdamW beta2.")
     adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _arg(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+    max_grad_norm: float = _arg(1.0, "Clip the global gradient norm to this; 0 turns clipping off (the norm is still "
+                                     "logged).")
     optim: str = _arg("adamw_torch_fused", f"Optimizer: one of {', '.join(SUPPORTED_OPTIMIZERS)}. muon: Muon for the "
                                            "hidden 2-D weights, AdamW (--learning_rate) for the rest.")
     muon_learning_rate: float = _arg(0.02, "Muon's peak learning rate (0.02, as in Keller Jordan's Muon and "
@@ -76,7 +80,9 @@ class TrainingArguments:
     z_loss_coefficient: float = _arg(0.0, "Add this × mean(logsumexp(logits)²) to the loss (PaLM's z-loss, 1e-4 "
                                           "there); logged as train_z_loss. 0 turns it off.")
 
-    lr_scheduler_type: str = _arg("cosine", "Any transformers scheduler: " + ", ".join(s.value for s in SchedulerType))
+    lr_scheduler_type: str = _arg("cosine", "A transformers scheduler: " + ", ".join(
+        s.value for s in SchedulerType if s.value not in METRIC_SCHEDULERS)
+        + f" (not {' or '.join(METRIC_SCHEDULERS)}, which step on a metric).")
     lr_scheduler_kwargs: dict[str, Any] | str | None = _arg(
         None, 'JSON of extra scheduler arguments, e.g. \'{"min_lr": 1e-5}\' for cosine_with_min_lr.'
     )
@@ -88,6 +94,9 @@ class TrainingArguments:
     save_total_limit: int | None = _arg(None, "Keep only the newest this many step{N} checkpoints locally (never one "
                                               "still uploading; main is always kept). Default: keep all.")
     eval_every_steps: int = _arg(100, "Evaluate every this many steps (and at step 0); 0 evaluates only at the end.")
+    early_stopping_patience: int | None = _arg(None, "Stop once eval_loss has not improved for this many evaluations "
+                                                     "in a row, saving a checkpoint and main/ (timl.callbacks."
+                                                     "EarlyStopping). Default: never.")
 
     seed: int = _arg(0, "Seed for Python, NumPy and torch.")
     full_determinism: bool = _arg(False, "Deterministic algorithms everywhere (slower); see transformers' docs.")
@@ -195,6 +204,10 @@ class TrainingArguments:
             )
         if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
             problems.append(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not a transformers scheduler")
+        elif self.lr_scheduler_type in METRIC_SCHEDULERS:
+            problems.append(f"--lr_scheduler_type {self.lr_scheduler_type} steps on a metric, but timl steps the "
+                            f"schedule after every optimizer step, with none: choose a schedule of the step count, "
+                            f"such as cosine or warmup_stable_decay")
         if self.optim not in SUPPORTED_OPTIMIZERS:
             problems.append(f"--optim {self.optim!r} is not supported; use one of {', '.join(SUPPORTED_OPTIMIZERS)}")
         unknown = set(self.trackers) - {t.value for t in LoggerType}
@@ -224,6 +237,8 @@ class TrainingArguments:
             problems.append(f"--z_loss_coefficient must be 0 or more, got {self.z_loss_coefficient}")
         if self.muon_weight_decay < 0:
             problems.append(f"--muon_weight_decay must be 0 or more, got {self.muon_weight_decay}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            problems.append(f"--early_stopping_patience must be positive, got {self.early_stopping_patience}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"--save_total_limit must be positive, got {self.save_total_limit}")
         if self.push_to_hub and self.hub_target == "hub" and not self.hub_model_id:

@@ -9,8 +9,9 @@
   config.json, tokenizer files     the model's config (and generation_config.json) and the run's tokenizer, if
                                    any: what export_hf_model copies beside the weights
   trainer_state.json               step, tokens, tracker run ids, what the data order depends on, the arguments
-                                   without secrets, library versions and git commit; written last, it marks the
-                                   folder complete
+                                   without secrets, library versions and git commit, the run's state (best eval,
+                                   time, latest values), the callbacks' states, whether the step's evaluation is
+                                   still to do; written last, it marks the folder complete
 `output_dir/main/` is the last checkpoint's model alone, as a Hugging Face folder (model.safetensors, config.json):
 `from_pretrained` loads it on one device.
 
@@ -28,6 +29,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from timl.train_state import (METADATA, NON_TENSOR_STATE, TRAINER_STATE, Checkpo
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "Checkpointer", "check_shared_output_dir", "export_hf_model", "is_complete",
-           "load_weights", "resolve", "step_folders"]
+           "load_weights", "read_trainer_state", "resolve", "set_aside_steps_after", "step_folders"]
 
 REQUIRED_FILES = (METADATA, NON_TENSOR_STATE, TRAINER_STATE)
 STEP_FOLDER = re.compile(r"step(\d+)")
@@ -132,6 +134,29 @@ def resolve(resume_from: str, output_dir: str | Path) -> Path | None:
             return path
         logger.warning("Skipping %s: it is not a complete checkpoint.", path)
     return None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json: its step, tokens, arguments, run state and the rest."""
+    return read_json(Path(path) / TRAINER_STATE)
+
+
+def set_aside_steps_after(output_dir: str | Path, step: int) -> list[Path]:
+    """Renames the step folders after `step` to hidden `.step{N}.abandoned-<time>` folders, and returns them.
+
+    A run resumed from an older checkpoint abandons the newer ones: they hold another history than the one it now
+    writes, so neither --resume_from_checkpoint latest nor --save_total_limit may see them. Nothing is deleted."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for path in step_folders(output_dir):
+        if int(STEP_FOLDER.fullmatch(path.name)[1]) > step:
+            target = path.with_name(f".{path.name}.abandoned-{stamp}")
+            os.replace(path, target)
+            moved.append(target)
+    if moved:
+        logger.warning("Resumed from step %d, so the later checkpoints of the run it rolls back are set aside: %s.",
+                       step, ", ".join(str(path) for path in moved))
+    return moved
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -269,7 +294,7 @@ class Checkpointer:
     def load(self, path: Path, *, optimizers: Any, loader: Any) -> dict[str, Any]:
         """Restores everything but the RNG (see restore_rng), resharded onto this run's processes; returns the saved
         trainer state."""
-        state = read_json(path / TRAINER_STATE)
+        state = read_trainer_state(path)
         check_compatible(state.get("data_order", {}), {k: getattr(self.args, k) for k in DATA_ORDER_KEYS}, path)
         if state.get("optimizers") != optimizers.names:
             raise CheckpointError(f"{path} holds the state of optimizers {state.get('optimizers')}, but this run has "

@@ -6,7 +6,6 @@ import json
 import logging
 import netrc
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,6 @@ class RunLog:
     def __init__(self, args: TrainingArguments, accelerator: Accelerator, config: dict[str, Any],
                  resumed_step: int | None = None, run_ids: dict[str, str] | None = None):
         self.accelerator = accelerator
-        self.started = time.perf_counter()  # elapsed_seconds in each line counts from here, evals and saves included
         self.path = Path(args.output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,10 +75,11 @@ class RunLog:
                 ids["wandb"] = run.id
         return ids
 
-    def log(self, values: dict[str, Any], step: int) -> None:
+    def log(self, values: dict[str, Any], step: int, elapsed_seconds: float) -> None:
+        """Writes a line; `elapsed_seconds`, the whole run's time so far (see TrainerState), goes to the file only."""
         if not self.accelerator.is_main_process:
             return
-        record = {"step": step, **values, "elapsed_seconds": time.perf_counter() - self.started}
+        record = {"step": step, **values, "elapsed_seconds": elapsed_seconds}
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         self.accelerator.log(values, step=step)

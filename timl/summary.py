@@ -1,46 +1,54 @@
-"""The few lines a run prints at its end: what it did, how fast, how well, where everything went."""
+"""The few lines a run prints at its end: what the whole run did (every session since step 0, when it was resumed)
+and what this session added, how fast, how well, where everything went."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
+from timl.callbacks import TrainerState
 
-@dataclass
-class RunSummary:
-    """Collects from the log lines as they are written, and renders the end-of-run summary."""
 
-    started: float = field(default_factory=time.perf_counter)
-    tokens: int = 0
-    timed_tokens: int = 0
-    timed_seconds: float = 0.0
-    best_eval_loss: float | None = None
-    best_eval_step: int | None = None
+def render(state: TrainerState, args: Any, *, flops_per_token: float, peak_flops: float | None, processes: int,
+           main_written: bool) -> str:
+    output_dir, stopped = args.output_dir, state.stopped_by and state.step < state.total_steps
+    whole = f"{state.tokens:,} tokens in {_seconds(state.elapsed_seconds)}"
+    if state.session_start_step:
+        session_tokens = (state.step - state.session_start_step) * state.tokens_per_step
+        whole += (f" (this session: steps {state.session_start_step} to {state.step}, {session_tokens:,} tokens in "
+                  f"{_seconds(state.session_seconds)})")
+    if stopped:
+        lines = [f"timl: stopped by {state.stopped_by} at step {state.step} of {state.total_steps}, after {whole}."]
+    else:
+        lines = [f"timl: trained on {whole}."]
+    if state.timed_seconds:
+        speed = state.timed_tokens / state.timed_seconds
+        mfu = f", MFU {speed / processes * flops_per_token / peak_flops:.1%}" if peak_flops else ""
+        lines.append(f"  mean {speed:,.0f} tokens/s over the timed steps{mfu} (first steps and evals excluded)")
+    if state.best_eval_loss is not None:
+        lines.append(f"  best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}")
+    model = (f"{output_dir}/main (AutoModelForCausalLM.from_pretrained)" if main_written
+             else f"{output_dir}/step{state.step} (no main/ yet)")
+    lines.append(f"  checkpoints: {output_dir}/step{{N}}/, model in {model}; metrics: {output_dir}/metrics.jsonl")
+    if args.push_to_hub:
+        lines.append("  uploads: " + (f"https://huggingface.co/{args.hub_model_id} (branches step{{N}} and main)"
+                                      if args.hub_target == "hub" else f"{args.hub_target}/<revision>/"))
+    if stopped:
+        lines.append("  to continue it: the same command with --resume_from_checkpoint latest")
+    else:
+        lines.append("  to extend it: a larger --max_train_steps (or --max_train_tokens) with --resume_from_checkpoint "
+                     "latest")
+    return "\n".join(lines)
 
-    def observe(self, values: dict[str, Any], step: int) -> None:
-        self.tokens = max(self.tokens, int(values.get("tokens", 0)))
-        loss = values.get("eval_loss")
-        if loss is not None and (self.best_eval_loss is None or loss < self.best_eval_loss):
-            self.best_eval_loss, self.best_eval_step = loss, step
 
-    def add_timing(self, tokens: int, seconds: float) -> None:
-        self.timed_tokens += tokens
-        self.timed_seconds += seconds
 
-    def render(self, *, output_dir: str, flops_per_token: float, peak_flops: float | None, processes: int,
-               upload_target: str | None, stopped: bool) -> str:
-        wall = time.perf_counter() - self.started
-        lines = [f"timl: {'stopped after' if stopped else 'trained on'} {self.tokens:,} tokens in {wall:,.0f} s."]
-        if self.timed_seconds:
-            speed = self.timed_tokens / self.timed_seconds
-            mfu = f", MFU {speed / processes * flops_per_token / peak_flops:.1%}" if peak_flops else ""
-            lines.append(f"  mean {speed:,.0f} tokens/s over the timed steps{mfu} (first step and evals excluded)")
-        if self.best_eval_loss is not None:
-            lines.append(f"  best eval loss {self.best_eval_loss:.4f} at step {self.best_eval_step}")
-        final = "the last step{N}/ folder" if stopped else f"{output_dir}/main (AutoModelForCausalLM.from_pretrained)"
-        lines.append(f"  checkpoints: {output_dir}/step{{N}}/, model in {final}; metrics: {output_dir}/metrics.jsonl")
-        if upload_target:
-            lines.append(f"  uploads: {upload_target}")
-        lines.append("  to continue or extend it: the same command with --resume_from_checkpoint latest")
-        return "\n".join(lines)
+def nothing_to_do(saved: dict[str, Any], output_dir: str, total_steps: int) -> str:
+    """The one line of a resumed run whose checkpoint (`saved`: its trainer state and path) is at its last step."""
+    step = saved["step"]
+    if step == total_steps and saved.get("final", True):
+        return (f"timl: {output_dir} is already finished at step {step} ({output_dir}/main holds its model); "
+                f"nothing to do.")
+    return f"timl: {saved['path']} is at step {step}, and these arguments ask for {total_steps} steps; nothing to do."
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from timl import checkpoint
+from timl import checkpoint, summary
 from timl.arguments import TrainingArguments
+from timl.callbacks import CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl, TrainerState
 from timl.kernels import apply_fp8, apply_liger
 from timl.modeling import (CausalLMForTraining, check_tied_weights, choose_loss_path, compile_model,
                            enable_activation_checkpointing, pad_vocab, real_vocab_size)
@@ -33,8 +33,7 @@ from timl.provenance import provenance
 from timl.run_log import RunLog
 from timl.saved_tokenizer import find_tokenizer
 from timl.sources import eval_loader_factories, train_loader
-from timl.summary import RunSummary
-from timl.window import LogWindow, StepResult
+from timl.window import LogWindow, StepResult, StopVotes
 from timl.throughput import flops_per_token, peak_flops
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,7 @@ class Trainer:
         train_metrics, eval_metrics: `timl.metrics.Metric` objects, reported as train_* and eval_*. The eval loss
             is always computed.
         optimizers: an optimizer and a scheduler to use instead of AdamW and --lr_scheduler_type.
+        callbacks: `timl.callbacks.TrainerCallback` objects, fired in this order at each event of the run.
     """
 
     def __init__(
@@ -69,6 +69,7 @@ class Trainer:
         train_metrics: Sequence[Metric] = (),
         eval_metrics: Sequence[Metric] = (),
         optimizers: tuple[torch.optim.Optimizer | None, Any] | list[tuple[torch.optim.Optimizer, Any]] = (None, None),
+        callbacks: Sequence[TrainerCallback] = (),
     ):
         self.args = args
         self.accelerator = Accelerator(
@@ -95,8 +96,14 @@ class Trainer:
         self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
         self.flops_per_token = flops_per_token(model, args.block_size)
         self.first_step_seconds: float | None = None
-        self.summary = RunSummary()
-        self.stopped = False
+        if args.early_stopping_patience and not self.eval_loader_factories:
+            raise ValueError("--early_stopping_patience needs an evaluation: give --eval_file_pattern.")
+        early_stopping = [EarlyStopping(args.early_stopping_patience)] if args.early_stopping_patience else []
+        self.callbacks = CallbackHandler([ProgressBar(), *early_stopping, *callbacks])
+        self.control = TrainerControl()
+        self.run_log: RunLog | None = None
+        self.uploader: Any = None
+        self.preempted = False
 
     def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
                       train_metrics: Sequence[Metric]) -> list[str]:
@@ -128,100 +135,160 @@ class Trainer:
         return active
 
     def train(self) -> dict[str, float]:
-        """Trains to the end, or until a stop signal; returns the last logged train and eval values."""
-        args, accelerator = self.args, self.accelerator
-        self.train_loader = self.train_loader_factory(args, accelerator)
+        """Trains to the end, or until a stop signal or a callback stops it; returns the latest logged values."""
+        args = self.args
+        self.train_loader = self.train_loader_factory(args, self.accelerator)
+        self.prepare(self.count_steps(self.train_loader))
+        saved = self.resume()
+        if saved.get("step", 0) >= self.total_steps:
+            return self.report_finished(saved)
+        # Made after the resume: some iterators (torchdata's StatefulDataLoader) take the loader's position when made.
         batches = iter(self.train_loader)
-        total_steps = self.count_steps(self.train_loader)
-        self.prepare(total_steps)
-        start_step, saved = self.resume()
-        self.run_log = RunLog(args, accelerator, self.run_config(total_steps),
-                              resumed_step=start_step if saved else None, run_ids=saved.get("tracker_run_ids"))
-        progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, unit="step")
-        window, latest = LogWindow(accelerator.device), {}
-        with PreemptionGuard() as guard:
-            for step in range(start_step, total_steps + 1):
-                last_step = step == total_steps
-                # A resumed run's first step was evaluated and saved before the checkpoint was taken.
-                fresh = not saved or step > start_step or last_step
-                if fresh and self.eval_loader_factories and (last_step or _every(step, args.eval_every_steps)):
-                    latest.update(self.log(self.evaluate, window, step))
-                if fresh and (last_step or (step and _every(step, args.save_every_steps))):
-                    with window.excluded():
-                        self.save(step, final=last_step)
-                if last_step:
-                    break
-                result = self.training_step(batches, guard.requested)
-                window.add(result)
-                if step == start_step:
-                    self.first_step_seconds = self.finish_first_step(window)
-                progress.update()
-                if _every(step + 1, args.log_every_steps) or step + 1 == total_steps:
-                    latest.update(self.log(functools.partial(self.train_log_values, window, step + 1), None, step + 1))
-                    progress.set_postfix(loss=f"{latest['train_loss']:.4f}")
-                if result.stop_votes.item() > 0:
-                    self.stop_for_preemption(step + 1, guard)
-                    break
-        progress.close()
-        self.finish()
-        return latest
+        try:
+            self.begin(saved)
+            with PreemptionGuard() as guard:
+                for step in range(self.state.step, self.total_steps + 1):
+                    last_step = step == self.total_steps
+                    self.evaluate_and_save(step, last_step)
+                    if last_step or self.control.should_training_stop:
+                        break
+                    result = self.training_step(batches, guard.requested)
+                    self.end_step(result)
+                    if self.stop_votes.swap(result.stop_votes):
+                        self.stop_for_signal(guard)
+        except BaseException:
+            # What was saved stays whole: the pending uploads get the preemption grace, the trackers are closed.
+            self.close(upload_timeout=args.preemption_upload_seconds)
+            raise
+        self.fire("on_train_end")
+        self.close(upload_timeout=args.preemption_upload_seconds if self.preempted else None)
+        self.print_summary()
+        return dict(self.state.latest)
 
-    def log(self, compute: Callable[[], dict[str, float]], window: LogWindow | None, step: int) -> dict[str, float]:
-        """Computes values (outside the train-time window if one is given) and logs them at `step`."""
-        with window.excluded() if window is not None else nullcontext():
-            values = compute()
-        self.run_log.log(values, step)
-        self.summary.observe(values, step)
-        return values
+    def begin(self, saved: dict[str, Any]) -> None:
+        """Starts this session: the run's state (continued from a checkpoint), its log, the uploader, the callbacks."""
+        args, accelerator = self.args, self.accelerator
+        step = saved.get("step", 0)
+        self.state = TrainerState(self.total_steps, args.tokens_per_step, accelerator.is_main_process, step=step,
+                                  session_start_step=step)
+        self.state.load_state_dict(saved.get("run_state", {}))
+        self.callbacks.load_state_dict(saved.get("callbacks", {}))
+        self.resumed_step = step if saved else None
+        self.eval_pending = saved.get("eval_pending", False)
+        self.run_log = RunLog(args, accelerator, self.run_config(), resumed_step=self.resumed_step,
+                              run_ids=saved.get("tracker_run_ids"))
+        self.uploader = self.checkpointer.uploader = start_uploader(args) if accelerator.is_main_process else None
+        self.window, self.stop_votes = LogWindow(accelerator.device), StopVotes(accelerator.device)
+        self.fire("on_train_begin")
 
-    def run_config(self, total_steps: int) -> dict[str, Any]:
-        return {"args": self.args.to_sanitized_dict(), "provenance": provenance(), "total_steps": total_steps,
+    def evaluate_and_save(self, step: int, last_step: bool) -> None:
+        """Evaluates, then saves, at `step` (before training on), as the schedule and the callbacks ask. A resumed
+        run's first step is saved already, and evaluated unless a stop signal came first."""
+        args, control = self.args, self.control
+        resumed = step == self.resumed_step
+        scheduled_eval = bool(self.eval_loader_factories) and (
+            self.eval_pending if resumed else last_step or _every(step, args.eval_every_steps))
+        # After a signal there is no time for an evaluation: the checkpoint says it is pending, for the resumed run.
+        hurried = self.preempted and not last_step
+        evaluated = bool(self.eval_loader_factories) and (scheduled_eval and not hurried or control.should_evaluate)
+        if evaluated:
+            with self.window.excluded():
+                values = self.evaluate()
+            self.log(values)
+            self.fire("on_evaluate", metrics=values)
+        control.should_evaluate = False
+        scheduled_save = not resumed and (last_step or step > 0 and _every(step, args.save_every_steps))
+        if scheduled_save or control.should_save or control.should_training_stop:
+            with self.window.excluded():
+                self.save(step, final=last_step or not self.preempted and control.should_training_stop,
+                          eval_pending=scheduled_eval and not evaluated)
+        control.should_save = False
+
+    def end_step(self, result: StepResult) -> None:
+        """Counts the step that just ran, fires on_step_end, and logs the train values when they are due."""
+        state = self.state
+        state.step += 1
+        self.window.add(result)
+        if state.step == state.session_start_step + 1:
+            self.first_step_seconds = self.finish_first_step(self.window)
+        self.fire("on_step_end")
+        if _every(state.step, self.args.log_every_steps) or state.step == self.total_steps:
+            self.log(self.train_log_values(self.window, state.step))
+
+    def log(self, values: dict[str, float]) -> None:
+        self.run_log.log(values, self.state.step, self.state.elapsed_seconds)
+        self.state.observe(values)
+        self.fire("on_log", logs=values)
+
+    def fire(self, event: str, **kwargs: Any) -> None:
+        self.callbacks.fire(event, self.args, self.state, self.control, **kwargs)
+
+    def run_config(self) -> dict[str, Any]:
+        return {"args": self.args.to_sanitized_dict(), "provenance": provenance(), "total_steps": self.total_steps,
                 "world_size": self.accelerator.num_processes}
 
-    def resume(self) -> tuple[int, dict[str, Any]]:
-        """Restores the checkpoint named by --resume_from_checkpoint; returns the step to continue from and its
-        saved state (0 and {} when starting afresh)."""
-        if not self.args.resume_from_checkpoint:
-            return 0, {}
-        path = checkpoint.resolve(self.args.resume_from_checkpoint, self.args.output_dir)
+    def resume(self) -> dict[str, Any]:
+        """Restores the checkpoint named by --resume_from_checkpoint; returns its trainer state ({} when starting
+        afresh). A checkpoint at or past the last step is only read. Resuming before the newest checkpoints rolls the
+        run back: they are set aside."""
+        args = self.args
+        if not args.resume_from_checkpoint:
+            return {}
+        path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
         if path is None:
-            logger.warning("No checkpoint in %s yet: starting from the beginning.", self.args.output_dir)
-            return 0, {}
+            logger.warning("No checkpoint in %s yet: starting from the beginning.", args.output_dir)
+            return {}
+        saved = checkpoint.read_trainer_state(path)
+        if saved["step"] >= self.total_steps:
+            return {**saved, "path": str(path)}
         saved = self.checkpointer.load(path, optimizers=self.optim, loader=self.train_loader)
         self.checkpointer.restore_rng(path)
+        if self.accelerator.is_main_process:
+            checkpoint.set_aside_steps_after(args.output_dir, saved["step"])
         logger.info("Resumed from %s at step %d.", path, saved["step"])
-        return saved["step"], saved
+        return saved
 
-    def save(self, step: int, final: bool) -> None:
-        """Saves a full checkpoint to output_dir/step{step}/, and at the end also to output_dir/main/."""
+    def report_finished(self, saved: dict[str, Any]) -> dict[str, float]:
+        """Resuming a run at or past its last step does nothing: no evaluation, no checkpoint, no log line."""
+        if self.accelerator.is_main_process:
+            print(summary.nothing_to_do(saved, self.args.output_dir, self.total_steps), flush=True)
+        return dict(saved.get("run_state", {}).get("latest", {}))
+
+    def save(self, step: int, final: bool, eval_pending: bool = False) -> None:
+        """Saves a full checkpoint to output_dir/step{step}/, and when `final` also the model to output_dir/main/."""
         state = {"tokens": step * self.args.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
                  "data_order": {key: getattr(self.args, key) for key in checkpoint.DATA_ORDER_KEYS},
-                 **self.run_config(self.total_steps)}
-        self.checkpointer.save(step, optimizers=self.optim, loader=self.train_loader, state=state, final=final)
+                 "run_state": self.state.state_dict(), "callbacks": self.callbacks.state_dict(),
+                 "eval_pending": eval_pending, "final": final, **self.run_config()}
+        path = self.checkpointer.save(step, optimizers=self.optim, loader=self.train_loader, state=state, final=final)
+        self.fire("on_save", checkpoint=path)
 
-    def stop_for_preemption(self, step: int, guard: PreemptionGuard) -> None:
-        self.stopped = True
-        self.save(step, final=False)
-        if self.uploader is not None:
-            self.uploader.close(timeout=self.args.preemption_upload_seconds)
-            self.uploader = None
+    def stop_for_signal(self, guard: PreemptionGuard) -> None:
+        """A process received a stop signal: all of them save the checkpoint (no main/) at the next step and exit."""
         name = guard.received.name if guard.received else "a stop signal from another process"
-        logger.warning("Stopped by %s after step %d, with a checkpoint in %s/step%d. Continue with "
-                       "--resume_from_checkpoint latest.", name, step, self.args.output_dir, step)
+        self.preempted = self.control.should_training_stop = True
+        self.state.stopped_by = self.state.stopped_by or name
+        logger.warning("Stopped by %s after step %d: saving %s/step%d, then exiting. Continue with "
+                       "--resume_from_checkpoint latest.", name, self.state.step, self.args.output_dir,
+                       self.state.step)
 
-    def finish(self) -> None:
-        if self.uploader is not None:
-            self.uploader.close()  # waits for every pending upload, and logs any that failed
-        self.run_log.close()
+    def close(self, upload_timeout: float | None) -> None:
+        """Waits for the pending uploads (at most `upload_timeout` s; failures are logged), then closes the trackers."""
+        try:
+            if self.uploader is not None:
+                self.uploader.close(timeout=upload_timeout)
+                self.uploader = None
+        finally:
+            if self.run_log is not None:
+                self.run_log.close()
+                self.run_log = None
+
+    def print_summary(self) -> None:
         if self.accelerator.is_main_process:
-            args = self.args
-            target = None if not args.push_to_hub else (
-                f"https://huggingface.co/{args.hub_model_id} (branches step{{N}} and main)" if args.hub_target == "hub"
-                else f"{args.hub_target}/<revision>/")
-            print(self.summary.render(output_dir=args.output_dir, flops_per_token=self.flops_per_token,
-                                      peak_flops=peak_flops(self.accelerator.device),
-                                      processes=self.accelerator.num_processes, upload_target=target,
-                                      stopped=self.stopped), flush=True)
+            print(summary.render(self.state, self.args, flops_per_token=self.flops_per_token,
+                                 peak_flops=peak_flops(self.accelerator.device),
+                                 processes=self.accelerator.num_processes,
+                                 main_written=not self.preempted or self.state.step == self.total_steps), flush=True)
 
     def count_steps(self, loader: Iterator[Any]) -> int:
         """Optimizer steps to run: --max_train_steps, else --max_train_tokens, else --num_train_epochs passes over the
@@ -256,13 +323,12 @@ class Trainer:
         check_tied_weights(self.model)
         self.forward_loss = compile_model(self.training_model, self.model, self.args)
         self.total_steps = total_steps
-        self.uploader = start_uploader(self.args) if self.accelerator.is_main_process else None
         # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
         checkpoint.check_shared_output_dir(self.args.output_dir, local_rank=self.accelerator.local_process_index,
                                            device=self.accelerator.device)
-        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, self.uploader,
-                                                    model=self.training_model, base_model=self.model,
-                                                    tokenizer=self.tokenizer)
+        # The uploader starts with the session (Trainer.begin): resuming a finished run uploads nothing.
+        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, None, model=self.training_model,
+                                                    base_model=self.model, tokenizer=self.tokenizer)
 
     def kernel_kwargs(self) -> dict[str, Any]:
         if self.loss_path == "cut_cross_entropy":
@@ -295,9 +361,9 @@ class Trainer:
             if self.train_metrics_on:
                 for metric in self.train_metrics:
                     metric.update(outputs, inputs)
-        grad_norm = torch.zeros(())
-        if self.args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        # Without clipping, an infinite bound clips nothing and still returns the total norm, which is logged.
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         learning_rates = self.optim.learning_rates()
         for optimizer, scheduler in zip(self.optim.optimizers, self.optim.schedulers):
             optimizer.step()
@@ -330,7 +396,7 @@ class Trainer:
         seconds = window.train_seconds()
         if window.timed_steps:
             tokens_per_second = window.timed_steps * self.args.tokens_per_step / seconds
-            self.summary.add_timing(window.timed_steps * self.args.tokens_per_step, seconds)
+            self.state.add_timing(window.timed_steps * self.args.tokens_per_step, seconds)
             values.update(tokens_per_second=tokens_per_second, step_seconds=seconds / window.timed_steps,
                           data_wait_fraction=window.data_seconds / seconds)
             peak = peak_flops(accelerator.device)

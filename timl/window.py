@@ -57,3 +57,37 @@ class LogWindow:
             yield
         finally:
             self.excluded_seconds += time.perf_counter() - start
+
+
+class StopVotes:
+    """The processes' count of stop votes, each step's read on the host one step later.
+
+    Reading a step's own count (`.item()`) would make the host wait for the GPU to finish that step's all-reduce, and
+    leave the GPU idle until the host queued the next step: once every step. One step later, the copy to pinned memory
+    finished long ago while the next step is already queued, so the wait costs nothing. Every process reads the same
+    all-reduced count after the same step, so all of them still stop together, one step after the vote."""
+
+    def __init__(self, device: torch.device):
+        # Two pinned buffers in turn: one holds the count being read while the other receives the next.
+        self.pinned = [torch.zeros((), pin_memory=True) for _ in range(2)] if device.type == "cuda" else None
+        self.queued: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.count = 0
+
+    def swap(self, votes: torch.Tensor) -> bool:
+        """Queues this step's count for the host; returns whether the previous step's count asked to stop."""
+        previous = self.queued
+        if self.pinned is None:
+            self.queued = (votes, None)  # on the CPU the count is already on the host
+        else:
+            host = self.pinned[self.count % 2]
+            host.copy_(votes, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            self.queued = (host, copied)
+        self.count += 1
+        if previous is None:
+            return False
+        host, copied = previous
+        if copied is not None:
+            copied.synchronize()
+        return host.item() > 0
