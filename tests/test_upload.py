@@ -173,11 +173,6 @@ def test_close_is_bounded_by_its_timeout(tmp_path, checkpoints, caplog):
     assert checkpoints[0].exists()
 
 
-# Known defect, left visible: in a fresh clone under `uv run` (bash ../shared/ci-local.sh) the upload process died of
-# this SIGTERM twice, while it passed in the working checkout; the likely cause is a thread that exists in the spawned
-# process before its SIGTERM is blocked. Marked non-strict so that CI reports it instead of failing; to be fixed.
-@pytest.mark.xfail(reason="the upload process can die of a SIGTERM from another process in a fresh `uv run` "
-                          "environment (under investigation)", strict=False)
 def test_the_upload_process_outlives_a_sigterm_sent_by_anyone_but_its_parent(tmp_path, checkpoints, caplog):
     started, gate = tmp_path / "started", tmp_path / "gate"
     # The upload can finish only once the upload process has received the SIGTERM and said that it ignores it.

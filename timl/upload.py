@@ -148,7 +148,13 @@ class Uploader:
         levels = {"": logging.getLogger().getEffectiveLevel(), __name__: logger.getEffectiveLevel()}
         self._process = context.Process(target=_work, name="timl-upload", daemon=True,
                                         args=(target, self._tasks, self._results, levels, attempts, backoff_seconds))
-        self._process.start()
+        # The new process inherits this thread's signal mask: with SIGTERM blocked from its first instruction, the
+        # threads that libraries start while it imports (OpenBLAS's, say) block it too, so only its watcher sees it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._reader = threading.Thread(target=self._read_results, name="timl-upload-results", daemon=True)
         self._reader.start()
 
