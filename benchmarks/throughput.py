@@ -270,6 +270,8 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
     "timl-regional": ("timl, each transformer block compiled on its own",
                       functools.partial(timl, regional_compilation=True)),
     "timl-ac": ("timl compiled + activation checkpointing", functools.partial(timl, activation_checkpointing=True)),
+    "timl-ac-chunked": ("timl compiled + activation checkpointing, loss_implementation=chunked",
+                        functools.partial(timl, activation_checkpointing=True, loss_implementation="chunked")),
     "timl-fp8-tensorwise": ("timl compiled, float8 tensorwise on the decoder's linears",
                             functools.partial(timl, fp8="tensorwise")),
     "timl-fp8-rowwise": ("timl compiled, float8 rowwise on the decoder's linears",

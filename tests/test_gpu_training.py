@@ -6,6 +6,7 @@ benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -150,7 +151,7 @@ def test_the_steps_between_log_lines_make_no_host_sync(shards, tmp_path):
     from timl.arguments import TrainingArguments
     from timl.recipe import ModelArguments, pretrain
 
-    def synchronizing_calls(steps: int) -> int:
+    def synchronizing_calls(steps: int) -> collections.Counter:
         args = TrainingArguments(output_dir=str(tmp_path / f"run{steps}"),
                                  train_file_pattern=str(shards / "train_*.bin"), block_size=128, train_batch_size=16,
                                  per_device_train_batch_size=8, max_train_steps=steps, log_every_steps=1000,
@@ -162,6 +163,11 @@ def test_the_steps_between_log_lines_make_no_host_sync(shards, tmp_path):
                 pretrain(ModelArguments(model_name="gpt2", config_overrides=MODELS["gpt2"][3]), args)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        return sum("synchronizing" in str(warning.message) for warning in caught)
+        # transformers' eager mask code checks position_ids for packed sequences with a synchronizing .all() in
+        # every forward (masking_utils.find_packed_sequence_indices; traced away under torch.compile): the model's,
+        # not the loop's, so it is left out here.
+        return collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                   if "synchronizing" in str(w.message) and "transformers" not in Path(w.filename).parts)
 
-    assert synchronizing_calls(8) == synchronizing_calls(24)
+    short, long = synchronizing_calls(8), synchronizing_calls(24)
+    assert short == long, f"synchronizing calls that grow with the steps: {long - short}"
