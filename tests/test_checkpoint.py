@@ -28,6 +28,9 @@ from timl.recipe import ModelArguments, pretrain
 ROOT = Path(__file__).resolve().parent.parent
 
 
+STEPS = 80  # a SIGTERM at step 5 or 23, and a kill -9 at step 37: past a checkpoint and well before the end
+
+
 @pytest.fixture
 def data(tmp_path):
     write_learnable_shards(tmp_path, 60_000, "train", seed=0)
@@ -40,7 +43,7 @@ def argv(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["--model_name", "gpt2", "--config_overrides", "n_layer=2,n_embd=32,n_head=2,vocab_size=64,n_positions=64",
             "--output_dir", str(output_dir), "--train_file_pattern", str(data_dir / "train_*.bin"),
             "--eval_file_pattern", str(data_dir / "validation_*.bin"), "--block_size", "16", "--train_batch_size", "8",
-            "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--max_train_steps", "150",
+            "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--max_train_steps", str(STEPS),
             "--log_every_steps", "1", "--eval_every_steps", "25", "--save_every_steps", "10", "--report_to", "none",
             "--optim", "adamw_torch", "--learning_rate", "3e-3", "--warmup_steps", "5", *extra]
 
@@ -83,54 +86,62 @@ def train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in read_metrics(output_dir) if "train_loss" in r}
 
 
-@pytest.mark.parametrize(("processes", "optim"), [(1, "adamw_torch"), (2, "adamw_torch"), (1, "muon")])
-def test_kill_9_then_resume_from_latest_gives_the_same_losses_to_the_bit(data, processes, optim):
-    finish(launch(argv(data, data / "reference", "--optim", optim), processes))
-    interrupted = launch(argv(data, data / "resumed", "--optim", optim), processes)
-    wait_for_step(data / "resumed", 37, interrupted)
+def resume_through_a_kill_9(data_dir: Path, run: Path, processes: int, *extra: str) -> None:
+    """Resumes the run from latest, kills it with kill -9 past its checkpoint at step 30, and resumes it to the end."""
+    interrupted = launch(argv(data_dir, run, *extra, "--resume_from_checkpoint", "latest"), processes)
+    wait_for_step(run, 37, interrupted)
     kill_all(interrupted, signal.SIGKILL)
-    killed_at = max(train_losses(data / "resumed"))
-    assert killed_at < 150
-    finish(launch(argv(data, data / "resumed", "--optim", optim, "--resume_from_checkpoint", "latest"), processes))
+    assert max(train_losses(run)) < STEPS
+    finish(launch(argv(data_dir, run, *extra, "--resume_from_checkpoint", "latest"), processes))
 
-    reference, resumed = train_losses(data / "reference"), train_losses(data / "resumed")
-    assert list(resumed) == list(range(1, 151))  # lines after the last checkpoint were dropped and written again
-    assert resumed == reference
+
+def assert_same_losses_to_the_bit(run: Path, reference: Path) -> None:
+    assert list(train_losses(run)) == list(range(1, STEPS + 1))  # lines after the last checkpoint were written again
+    assert train_losses(run) == train_losses(reference)
     evals = lambda d: [(r["step"], r["eval_loss"]) for r in read_metrics(d) if "eval_loss" in r]
-    assert evals(data / "resumed") == evals(data / "reference")
+    assert evals(run) == evals(reference)
 
 
-def test_sigterm_saves_at_the_step_and_exits_cleanly_then_resumes(data):
-    process = launch(argv(data, data / "run"))
-    wait_for_step(data / "run", 23, process)
+def test_sigterm_then_kill_9_and_resumes_from_latest_give_the_same_losses_to_the_bit(data):
+    """One process, with Muon (and AdamW for the rest). SIGTERM finishes the step, saves there and exits 0 with the
+    command to continue; the continued run is killed with kill -9 and resumed again."""
+    run = data / "run"
+    finish(launch(argv(data, data / "reference", "--optim", "muon")))
+    process = launch(argv(data, run, "--optim", "muon"))
+    wait_for_step(run, 23, process)
     process.send_signal(signal.SIGTERM)
     stderr = finish(process)
     assert "Received SIGTERM" in stderr and "Continue with --resume_from_checkpoint latest" in stderr
-    stopped = max(train_losses(data / "run"))
-    assert stopped < 150 and checkpoint.is_complete(data / "run" / f"step{stopped}")
-    assert checkpoint.resolve("latest", data / "run") == data / "run" / f"step{stopped}"
-    finish(launch(argv(data, data / "run", "--resume_from_checkpoint", "latest")))
-    assert list(train_losses(data / "run")) == list(range(1, 151))
+    stopped = max(train_losses(run))
+    assert stopped < STEPS and checkpoint.is_complete(run / f"step{stopped}")
+    assert checkpoint.resolve("latest", run) == run / f"step{stopped}"
+    resume_through_a_kill_9(data, run, 1, "--optim", "muon")
+    assert_same_losses_to_the_bit(run, data / "reference")
 
 
-def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data):
-    """Each process reads the all-reduced stop votes a step late (no host sync per step), and still all stop at once."""
-    process = launch(argv(data, data / "run", "--max_train_steps", "30"), processes=2)
-    wait_for_step(data / "run", 5, process)
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_kill_9_resumes_to_the_bit(data):
+    """Each process reads the all-reduced stop votes a step late (no host sync per step), and still all stop at once.
+    The continued run is killed with kill -9 and resumed again. The ranks draw different dropout masks, so a rank
+    that restored another's generators would diverge."""
+    run = data / "run"
+    finish(launch(argv(data, data / "reference"), processes=2))
+    states = [torch.load(data / "reference" / "step10" / f"rng_state_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+    process = launch(argv(data, run), processes=2)
+    wait_for_step(run, 5, process)
     workers = [child for child in psutil.Process(process.pid).children(recursive=True)
                if child.environ().get("RANK") == "1" and "gpt2_c4.py" in " ".join(child.cmdline())]
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGTERM)
     stderr = finish(process)
     assert "Received SIGTERM" in stderr and "Stopped by a stop signal from another process" in stderr
-    stopped = max(train_losses(data / "run"))
-    assert stopped < 30 and checkpoint.is_complete(data / "run" / f"step{stopped}")
-    folder = data / "run" / f"step{stopped}"
+    stopped = max(train_losses(run))
+    assert stopped < STEPS and checkpoint.is_complete(run / f"step{stopped}")
+    folder = run / f"step{stopped}"
     assert (folder / "__1_0.distcp").exists()
     assert (folder / "loader_state_0.json").read_text() == (folder / "loader_state_1.json").read_text()
-    finish(launch(argv(data, data / "run", "--max_train_steps", "30", "--resume_from_checkpoint", "latest"),
-                  processes=2))
-    assert list(train_losses(data / "run")) == list(range(1, 31))
+    resume_through_a_kill_9(data, run, 2)
+    assert_same_losses_to_the_bit(run, data / "reference")
 
 
 def tiny_args(data_dir: Path, **overrides) -> TrainingArguments:
@@ -228,11 +239,59 @@ def test_a_signal_stops_after_the_next_step_and_leaves_that_steps_evaluation_to_
     assert strip("run") == strip("reference")
 
 
-def test_resume_with_another_block_size_says_what_differs(data):
+def test_keep_last_n_spares_a_checkpoint_until_its_upload_has_finished(data, monkeypatch):
+    """step2's upload is held open until the final upload waits for room; at most two uploads wait, so step4's waits
+    behind it and step6's and step8's are skipped. Until then every save prunes around the two still uploading."""
+    from upload_targets import GatedTarget, open_gate_when_logged
+
+    run, uploads, gate = data / "run", data / "uploads", data / "gate"
+    monkeypatch.setattr("timl.upload.upload_target", lambda *args: GatedTarget(uploads, data / "started", gate))
+    seen = []
+    with open_gate_when_logged(gate, "The upload queue is full; waiting for room",
+                               before_opening=lambda: seen.append([p.name for p in checkpoint.step_folders(run)])):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, save_total_limit=1, push_to_hub=True, hub_target=str(uploads)))
+    assert seen == [["step2", "step4", "step6", "step8"]]
+    # Once step2 was uploaded, the last save's pruning deleted it (step4 may still have been uploading then).
+    names = {p.name for p in run.iterdir() if p.is_dir()}
+    assert {"main", "step8"} <= names <= {"main", "step4", "step8"}
+    assert sorted(p.name for p in uploads.iterdir()) == ["main", "step2", "step4"]
+
+
+def test_every_file_of_a_checkpoint_is_fsynced_before_its_folder_is_renamed_into_place(data, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("replace", Path(source).resolve(), Path(destination).resolve()))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
+    monkeypatch.undo()
+    run = (data / "run").resolve()
+    for name in ("step2", "main"):
+        [renamed] = [index for index, event in enumerate(events) if event[0] == "replace" and event[2] == run / name]
+        temporary = run / f".{name}.tmp"
+        assert events[renamed][1] == temporary
+        synced = {path.name for kind, path, *_ in events[:renamed] if kind == "fsync" and path.parent == temporary}
+        assert {path.name for path in (run / name).iterdir()} <= synced, name
+        assert ("fsync", run) in events[renamed + 1:]  # the rename itself is made durable too
+
+
+def test_resume_with_another_block_size_or_train_batch_size_says_what_differs(data):
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
     with pytest.raises(checkpoint.CheckpointError, match="block_size: checkpoint 16, now 8"):
         pretrain(ModelArguments(config_overrides=TINY_GPT2),
                  tiny_args(data, block_size=8, resume_from_checkpoint=str(data / "run" / "step2")))
+    with pytest.raises(checkpoint.CheckpointError, match="train_batch_size: checkpoint 8, now 16"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, train_batch_size=16, resume_from_checkpoint=str(data / "run" / "step2")))
 
 
 def test_resume_with_other_optimizers_names_the_folder_and_what_differs(data):

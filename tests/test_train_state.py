@@ -151,6 +151,15 @@ def test_a_planted_pickle_in_dcp_metadata_is_refused_without_running(saved):
         export_hf_model(directory, directory.parent / "export")
 
 
+def test_a_planted_pickle_in_the_non_tensor_state_is_refused_without_running(saved):
+    """The optimizers' and schedulers' values other than tensors are JSON, and only ever read as JSON."""
+    directory, _ = saved
+    (directory / "non_tensor_state.json").write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(CheckpointError, match=r"state/non_tensor_state\.json is not JSON, so it was not loaded"):
+        load_into_fresh(directory)
+    assert not MARKER.exists()
+
+
 def test_dcp_entries_that_would_be_unpickled_are_refused(saved):
     """DCP stores non-tensor values with torch.save and loads them with torch.load(weights_only=False)."""
     import torch.distributed.checkpoint as dcp

@@ -8,7 +8,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2
@@ -47,13 +47,17 @@ class GatedTarget(LocalTarget):
 
 
 @contextlib.contextmanager
-def open_gate_when_logged(gate: Path, message_start: str) -> Iterator[None]:
+def open_gate_when_logged(gate: Path, message_start: str,
+                          before_opening: Callable[[], None] | None = None) -> Iterator[None]:
     """Creates `gate` when timl.upload logs a message starting with `message_start` (in this process, or in the upload
-    process, whose records come here): an upload that finishes only once the uploader has reached that point."""
+    process, whose records come here): an upload that finishes only once the uploader has reached that point.
+    `before_opening`, if given, is called first, there: a test looks at what that point holds."""
 
     class GateOpener(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if record.getMessage().startswith(message_start):
+                if before_opening is not None:
+                    before_opening()
                 gate.touch()
 
     log, opener = logging.getLogger("timl.upload"), GateOpener()

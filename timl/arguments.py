@@ -98,7 +98,8 @@ class TrainingArguments:
                                                      "in a row, saving a checkpoint and main/ (timl.callbacks."
                                                      "EarlyStopping). Default: never.")
 
-    seed: int = _arg(0, "Seed for Python, NumPy and torch.")
+    seed: int = _arg(0, "Seed for the weights and the data order; training seeds Python, NumPy and torch with seed + "
+                        "rank, so that each process draws its own dropout masks.")
     full_determinism: bool = _arg(False, "Deterministic algorithms everywhere (slower); see transformers' docs.")
     bf16: bool = _arg(True, "bf16 autocast on GPUs. Ignored on the CPU, which trains in fp32.")
     torch_compile: bool = _arg(False, "Compile the model's forward together with the loss.")

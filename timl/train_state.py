@@ -217,7 +217,10 @@ def load_training_state(directory: str | Path, *, model: torch.nn.Module,
     """Restores what save_training_state wrote, resharded onto however many ranks call it now."""
     directory = Path(directory)
     read_metadata(directory)  # refuses anything but DCP's own metadata before DCP unpickles it
-    saved = read_json(directory / NON_TENSOR_STATE)
+    try:
+        saved = read_json(directory / NON_TENSOR_STATE)
+    except ValueError as error:  # not UTF-8, or not JSON
+        raise CheckpointError(f"{directory / NON_TENSOR_STATE} is not JSON, so it was not loaded: {error}") from error
     states = _states(model, optimizers, schedulers, base_model, saved)
     if saved.keys() != states.keys() - {MODEL}:
         raise CheckpointError(f"{directory} holds the state of {sorted(saved)}, but this run has "

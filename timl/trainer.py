@@ -80,8 +80,13 @@ class Trainer:
         if self.accelerator.num_processes != args.world_size:
             raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
                                f"{args.world_size}; launch with torchrun or accelerate launch.")
+        # The model's weights were made from --seed before (timl.recipe.make_model); what the kernels add to them
+        # (padded vocab rows) is drawn from it too, the same on every rank.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
+        # From here each rank draws its own dropout masks; the data order is keyed by --seed alone (timl.loader).
+        seed = args.seed + self.accelerator.process_index
+        enable_full_determinism(seed) if args.full_determinism else set_seed(seed)
         self.vocab_size = vocab_size = real_vocab_size(model)
         self.train_loader_factory = train_loader_factory or functools.partial(train_loader, vocab_size=vocab_size)
         # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/sources.py).
