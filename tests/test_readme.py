@@ -16,7 +16,7 @@ def readme_commands() -> list[str]:
 def test_readme_opens_with_the_quickstart_and_the_test_command():
     quickstart, tests = readme_commands()
     assert quickstart.startswith("uv run ") and "quickstart" in quickstart
-    assert tests == "uv run pytest"
+    assert tests == "uv run pytest -n 2 --dist loadfile"
 
 
 def test_ci_runs_exactly_the_readme_test_command():
