@@ -1,7 +1,7 @@
 """The largest per-device batch that trains for 3 steps without running out of GPU memory: timl against the Hugging
 Face Trainer (compiled), each with and without activation checkpointing.
 
-    python benchmarks/max_batch.py [--model llama-1b] [--methods timl,timl-ac,hf-compiled,hf-compiled-ac]
+    python benchmarks/max_batch.py [--model llama-1b] [--methods timl,timl-ac,timl-ac-chunked,hf-compiled,hf-compiled-ac]
                                    [--start 8] [--max-batch 512] [--trial-timeout 300] [--budget-seconds 480]
 
 A method is a variant of benchmarks/throughput.py: the same model, seed, optimizer and random tokens. A trial runs
@@ -25,7 +25,7 @@ from typing import Any
 from throughput import (MODELS, VARIANTS, argument_parser, default_out, devices_line, exit_on_sigterm, log_tail,
                         require_cuda, run_isolated, variant_command, versions_line)
 
-DEFAULT_METHODS = ("timl", "timl-ac", "hf-compiled", "hf-compiled-ac")
+DEFAULT_METHODS = ("timl", "timl-ac", "timl-ac-chunked", "hf-compiled", "hf-compiled-ac")
 WARMUP, STEPS = 1, 2  # three steps in all
 
 

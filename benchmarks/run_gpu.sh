@@ -53,22 +53,29 @@ case "$step" in
     install_wheels; throughput_llama main timl,timl-full,hf-compiled --variant-timeout 170 ;;
   throughput-llama-regional)  # ~4 min: whole-model against regional compilation, first step and throughput
     install_wheels; throughput_llama regional timl,timl-regional --variant-timeout 250 ;;
-  throughput-llama-fp8)  # ~7 min: bf16 against float8 tensorwise and rowwise
-    install_wheels; throughput_llama fp8 timl,timl-fp8-tensorwise,timl-fp8-rowwise --variant-timeout 170 ;;
+  throughput-llama-fp8)  # ~8 min: bf16 against float8 tensorwise and rowwise (FP8 compiles for about 2 min)
+    install_wheels; throughput_llama fp8 timl,timl-fp8-tensorwise,timl-fp8-rowwise --variant-timeout 330 ;;
   throughput-llama-more)  # ~6 min: the chunked loss, activation checkpointing, the HF Trainer with Liger
     install_wheels; throughput_llama more timl-chunked,timl-ac,hf-compiled-liger --variant-timeout 170 ;;
+  throughput-llama-ac)  # ~6 min: activation checkpointing against the default and the HF Trainer's checkpointing
+    install_wheels; throughput_llama ac timl,timl-ac,hf-compiled-ac --variant-timeout 175 ;;
+  throughput-gpt2-cudagraphs)  # ~2.5 min: mode=reduce-overhead against the default, GPT-2 without dropout
+    install_wheels
+    bench throughput.py --model gpt2 --variants timl,timl-cudagraphs --warmup 8 --steps 30 --log-every 8 \
+      --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 170 \
+      --out "$OUT/throughput-gpt2-cudagraphs.md" ;;
   throughput-llama-autotune)  # up to 9 min: mode=max-autotune alone; if it times out, run it again (warm machine)
     # Autotuning every matmul may take longer than one step: its results stay in this cache while the machine is warm.
     install_wheels
     throughput_llama autotune timl-max-autotune --variant-timeout 500 --compile-cache /tmp/timl-autotune-cache ;;
-  max-batch-timl|max-batch-timl-ac|max-batch-hf|max-batch-hf-ac)  # ~8.5 min each: one method's largest batch
+  max-batch-timl|max-batch-timl-ac|max-batch-timl-ac-chunked|max-batch-hf|max-batch-hf-ac)  # ~8.5 min each: one method's largest batch
     install_wheels
     method=${step#max-batch-}
     method=${method/hf/hf-compiled}
-    start=8; [[ $method == *-ac ]] && start=16  # checkpointing keeps far less: start higher
+    start=4; [[ $method == *-ac ]] && start=16; [[ $method == *-chunked ]] && start=64  # where the 2026-11-24 runs began
     bench max_batch.py --model llama-1b --methods "$method" --start "$start" --budget-seconds 480 \
       --trial-timeout 240 --out "$OUT/max_batch-$method.md" ;;
-  max-batch)  # ~8.5 min: all four methods taking turns; brackets ("≥ N, < M") and memory-line estimates
+  max-batch)  # ~8.5 min: all five methods taking turns (too few trials each: prefer the one-method steps); brackets ("≥ N, < M") and memory-line estimates
     install_wheels
     bench max_batch.py --model llama-1b --budget-seconds 480 --trial-timeout 240 --out "$OUT/max_batch.md" ;;
   eval-memory)  # ~4 min: evaluation against training peak memory, default loss path and logits
