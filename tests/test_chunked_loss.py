@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import timl.chunked_loss as chunked_loss
-from timl.chunked_loss import chunked_token_losses, default_chunk_rows, linear_cross_entropy
+from timl.chunked_loss import chunked_token_losses, default_chunk_rows, linear_cross_entropy, training_chunk_rows
 from timl.loader import IGNORE_INDEX
 
 BATCH, SEQUENCE, WIDTH, ROWS = 2, 19, 16, 64
@@ -160,7 +160,7 @@ def test_without_grad_mode_no_gradient_work_is_done(monkeypatch):
     inputs = make_inputs(head)
     options = {**head_options(head), "z_loss_coefficient": 0.05}
     expected = reference_losses(**inputs, **options)
-    monkeypatch.setattr(chunked_loss, "_logit_gradients", refuse)
+    monkeypatch.setattr(chunked_loss, "_chunk_maths", refuse)
     with torch.no_grad():
         actual = linear_cross_entropy(**inputs, chunk_size=8, **options)
     frozen = {**inputs, "hidden": inputs["hidden"].detach(), "weight": inputs["weight"].detach(),
@@ -216,3 +216,47 @@ def test_default_chunk_keeps_a_chunks_logits_near_256_mib():
     assert default_chunk_rows(2**28) == 1
     for vocab in (1000, 32000, 50257, 151936, 262144):
         assert default_chunk_rows(vocab) * vocab * 4 <= 2**28
+
+
+def test_training_chunks_are_the_fewest_equal_ones_within_the_byte_budget():
+    # Llama-1B's 8 × 2048 tokens at a 128256 vocab in bf16 (3.9 GiB of logits): eight chunks of 2048 rows.
+    assert training_chunk_rows(16384, 128256, 2) == 2048
+    # GPT-2's 32 × 1024 tokens at 50304: 3.1 GiB, at least seven chunks; eight split them exactly.
+    assert training_chunk_rows(32768, 50304, 2) == 4096
+    # 3004 tokens (4 × 751) at 150k: 0.84 GiB, and no split into 2 to 4 equal chunks of a multiple of 8: two
+    # chunks, the last one shorter.
+    assert training_chunk_rows(3004, 150000, 2) == 1504
+    assert training_chunk_rows(100, 64, 4) == 100  # one chunk when everything fits
+    for tokens, vocab in ((16384, 128256), (32768, 50304), (4000, 262144), (12288, 151936), (3004, 150000)):
+        rows = training_chunk_rows(tokens, vocab, 2)
+        chunks = -(-tokens // rows)
+        assert rows % 8 == 0 and rows * vocab * 2 <= 2**29
+        assert chunks <= 2 * -(-tokens * vocab * 2 // 2**29)
+
+
+def test_under_autocast_the_head_multiplies_in_bf16_once_and_returns_fp32_gradients():
+    """Under autocast the chunked head multiplies in bf16, as the model's own head would, and the gradients come
+    back in the inputs' fp32: within bf16 rounding of the fp32 reference, and as close to it as the one-piece
+    head under the same autocast."""
+    from timl.losses import linear_cross_entropy as any_path
+
+    head = HEADS["combined"]
+    inputs = make_inputs(head)
+    options = {**head_options(head), "z_loss_coefficient": 0.05}
+    expected = values_and_grads(reference_losses, inputs, (0.3, 2.0), **options)
+    with torch.autocast("cpu", torch.bfloat16):
+        actual = values_and_grads(linear_cross_entropy, inputs, (0.3, 2.0), chunk_size=8, **options)
+        one_piece = values_and_grads(any_path, inputs, (0.3, 2.0), path="full", **options)
+    assert all(grad.dtype == torch.float32 for grad in actual[2:])
+    for got, piece, want in zip(actual, one_piece, expected):
+        assert relative_error(got, want) < 2e-2
+        assert relative_error(got, want) <= 1.5 * relative_error(piece, want) + 1e-6
+    assert relative_error(actual[0], expected[0]) > 0  # it did multiply in bf16
+
+
+def test_a_second_backward_through_the_same_loss_is_refused():
+    inputs = make_inputs(HEADS["plain"])
+    ce, _ = linear_cross_entropy(**inputs, chunk_size=8)
+    ce.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        ce.backward()

@@ -41,6 +41,45 @@ def test_fp8_without_fp8_hardware_is_refused_before_training(tmp_path):
 
 def test_bad_compile_and_fp8_arguments_are_named():
     with pytest.raises(ValueError) as error:
-        TrainingArguments(fp8="e5m2", regional_compilation=True, torch_compile_mode="fastest")
-    for text in ("--fp8 'e5m2'", "--regional_compilation needs --torch_compile", "--torch_compile_mode 'fastest'"):
+        TrainingArguments(fp8="e5m2", regional_compilation=True, torch_compile_mode="fastest",
+                          activation_memory_budget=1.5)
+    for text in ("--fp8 'e5m2'", "--regional_compilation needs --torch_compile", "--torch_compile_mode 'fastest'",
+                 "--activation_memory_budget needs --torch_compile", "--activation_memory_budget 1.5 is not between"):
         assert text in str(error.value)
+
+
+def saved_bytes_of_a_compiled_step(budget: float | None) -> tuple[int, float]:
+    """Bytes the compiled training module keeps for its backward (through autograd's saved-tensor hooks), and the
+    loss, with timl's compile_model given `budget`."""
+    from timl.losses import next_token_loss
+    from timl.modeling import CausalLMForTraining, compile_model, read_head
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(build_config("gpt2", TINY_GPT2))
+    training = CausalLMForTraining(model, next_token_loss, "full", read_head(model), {}, {}, return_outputs=False)
+    args = TrainingArguments(output_dir="unused", torch_compile=True, activation_memory_budget=budget)
+    step = compile_model(training, model, args)
+    tokens = torch.randint(0, 64, (4, 33))
+    inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    saved = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = step(inputs, torch.tensor(4.0 * 32))[0]
+    loss.backward()
+    return sum(saved.values()), loss.item()
+
+
+def test_a_lower_activation_memory_budget_makes_the_compiled_step_keep_less_for_its_backward(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    default_bytes, default_loss = saved_bytes_of_a_compiled_step(None)
+    lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(0.0)
+    assert functorch_config.activation_memory_budget == 0.0
+    assert lean_bytes < 0.75 * default_bytes
+    assert lean_loss == pytest.approx(default_loss, rel=1e-6)

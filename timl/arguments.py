@@ -108,6 +108,10 @@ class TrainingArguments:
     regional_compilation: bool = _arg(False, "With --torch_compile: compile each transformer block on its own "
                                              "(one graph, reused by every block) instead of the whole model: a much "
                                              "faster first step; the rest runs eager.")
+    activation_memory_budget: float | None = _arg(None, "With --torch_compile: the share (0 to 1) of its saved "
+                                                      "activations the compiler may keep; below 1 it recomputes the "
+                                                      "cheapest ones in the backward (torch._functorch.config."
+                                                      "activation_memory_budget). Default: the compiler's own choice.")
     activation_checkpointing: bool = _arg(False, "Recompute each transformer block's activations in the backward "
                                                  "instead of keeping them: far less memory, about a third more "
                                                  "compute. Works with DDP and FSDP.")
@@ -218,6 +222,11 @@ class TrainingArguments:
 
         if self.fp8 not in (None, "tensorwise", "rowwise"):
             problems.append(f"--fp8 {self.fp8!r} is not a recipe: use tensorwise or rowwise")
+        if self.activation_memory_budget is not None:
+            if not self.torch_compile:
+                problems.append("--activation_memory_budget needs --torch_compile")
+            if not 0.0 <= self.activation_memory_budget <= 1.0:
+                problems.append(f"--activation_memory_budget {self.activation_memory_budget} is not between 0 and 1")
         if self.regional_compilation and not self.torch_compile:
             problems.append("--regional_compilation needs --torch_compile")
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

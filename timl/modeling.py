@@ -306,7 +306,7 @@ def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.devic
                      logits_needed_by: str | None = None) -> tuple[str, Head | None]:
     """The loss path to train on and the checked head it goes through (None for the model's own logits).
 
-    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path). Whatever is asked, a head that does not
+    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path: chunked on a GPU, full on the CPU). Whatever is asked, a head that does not
     reproduce the model's own logits, or a custom loss or train metric that needs the logits (`logits_needed_by`),
     sends training to the model's own logits, said once; an unavailable fused kernel falls back to "auto".
     """
@@ -335,7 +335,11 @@ def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.devic
         logger.warning("Training on the model's own logits, not the %s loss path: %s. The loss is exact; only the "
                        "memory and speed of a fused head are lost.", requested, mismatch)
         return "logits", None
-    return ("full" if requested == "auto" else requested), head
+    if requested == "auto":
+        # On a GPU the chunked head is as fast as the one-piece head and holds a fraction of its memory
+        # (benchmarks/loss_head.py); on the CPU, where its chunk maths runs uncompiled, the one-piece head is faster.
+        requested = "chunked" if device.type == "cuda" else "full"
+    return requested, head
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> str:
@@ -355,6 +359,11 @@ def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: Any) 
     if not args.torch_compile:
         return training
     options = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
+    if args.activation_memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        # Read by AOTAutograd's partitioner when the first step compiles; one training run per process.
+        functorch_config.activation_memory_budget = args.activation_memory_budget
     if not args.regional_compilation:
         return torch.compile(training, **options)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
