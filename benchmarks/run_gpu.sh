@@ -44,13 +44,32 @@ throughput_llama() {  # throughput_llama NAME VARIANTS [ARGS...]
 
 step=${1:-help}
 case "$step" in
-  throughput-gpt2)  # ~5 min: the GPT-2 rows of RESULTS.md (run 5, no dropout), against the old targets
+  loss-head)  # ~1.5 min: the loss head alone, each loss path and chunk size, Llama-1B and GPT-2 shapes
+    install_wheels; bench loss_head.py --chunk-mib 512,1024 --liger ;;
+  throughput-gpt2)  # ~5 min: the GPT-2 rows of RESULTS.md (no dropout): the default (chunked) head against the one-piece head and the plain loop
     install_wheels
-    bench throughput.py --model gpt2 --variants timl,plain-padded,hf-compiled,hf-eager --warmup 8 --steps 30 \
-      --log-every 8 --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 150 \
+    bench throughput.py --model gpt2 --variants timl,timl-full,plain-padded --warmup 8 --steps 30 \
+      --log-every 8 --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 90 \
       --out "$OUT/throughput-gpt2.md" ;;
-  throughput-llama)  # ~6 min: timl's default against loss_implementation=full and the HF Trainer compiled
-    install_wheels; throughput_llama main timl,timl-full,hf-compiled --variant-timeout 170 ;;
+  throughput-gpt2-hf)  # ~5 min: timl against the HF Trainer compiled and eager, GPT-2 without dropout
+    install_wheels
+    bench throughput.py --model gpt2 --variants timl,hf-compiled,hf-eager --warmup 8 --steps 30 \
+      --log-every 8 --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 150 \
+      --out "$OUT/throughput-gpt2-hf.md" ;;
+  throughput-llama)  # ~7.5 min: timl's default against the one-piece head, the activation memory budget and the HF Trainer compiled
+    install_wheels; throughput_llama main timl,timl-full,timl-mem0.9,hf-compiled --variant-timeout 150 ;;
+  throughput-llama-budget)  # ~5 min: two more activation memory budgets
+    install_wheels; throughput_llama budget timl-mem0.99,timl-mem0.95 --variant-timeout 145 ;;
+  throughput-gpt2-autotune)  # ~7.5 min: mode=max-autotune against the default, GPT-2 without dropout
+    install_wheels
+    bench throughput.py --model gpt2 --variants timl,timl-max-autotune --warmup 8 --steps 30 --log-every 8 \
+      --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 420 \
+      --out "$OUT/throughput-gpt2-autotune.md" ;;
+  gpu-tests-fsdp)  # ~5 min: the Trainer end to end under FSDP on the default loss path, kill -9 and resume
+    install_wheels
+    timeout 520 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      "tests/test_gpu_training.py::test_kill_9_and_resume_continues_within_the_run_to_run_noise[gpt2-fsdp]" \
+      "tests/test_gpu_training.py::test_kill_9_and_resume_continues_within_the_run_to_run_noise[llama-fsdp-checkpointed]" ;;
   throughput-llama-regional)  # ~4 min: whole-model against regional compilation, first step and throughput
     install_wheels; throughput_llama regional timl,timl-regional --variant-timeout 250 ;;
   throughput-llama-fp8)  # ~8 min: bf16 against float8 tensorwise and rowwise (FP8 compiles for about 2 min)

@@ -89,6 +89,7 @@ def test_every_cpu_loss_path_gives_the_models_own_loss_and_gradients(model_type)
     reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     path, head = choose_loss_path(model, "auto", torch.device("cpu"), {})
     assert path == "full" and head == read_head(model)
+    assert choose_loss_path(model, "auto", torch.device("cuda"), {}) == ("chunked", head)  # a GPU's default
     for path in ("logits", "full", "chunked"):
         model.zero_grad()
         training = CausalLMForTraining(model, next_token_loss, path, None if path == "logits" else head, {}, {},

@@ -137,7 +137,8 @@ class TrainingArguments:
                                                   "finish stays on disk.")
 
     forward_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of extra keyword arguments for model.forward.")
-    loss_implementation: str = _arg("auto", "How the training loss is computed: auto (the fastest exact path), "
+    loss_implementation: str = _arg("auto", "How the training loss is computed: auto (the fastest exact path: "
+                                            "chunked on a GPU, full on the CPU), "
                                             "logits (the model's own forward), full (the model's head on its hidden "
                                             "states, in one piece), chunked (the same, a chunk of tokens at a time: "
                                             "no full logits), liger or cut_cross_entropy (fused kernels, CUDA). "
