@@ -36,24 +36,26 @@ def first_step(output_dir: Path) -> dict[str, float]:
     return record
 
 
-@pytest.mark.parametrize("loss", ["default", "micro_batch_mean"])
+@pytest.mark.parametrize("loss", ["default", "micro_batch_mean", "chunked"])
 def test_micro_batches_with_uneven_label_counts_log_the_token_mean_of_the_step(tmp_path, loss):
     """Four micro-batches of two sequences hold 17, 5, 29 and 6 labels. A user's micro-batch mean weighs in by its
-    labelled tokens, not by its positions."""
-    args = train_args(tmp_path / "run")
+    labelled tokens, not by its positions. `chunked` is the GPU's default loss path, here on the CPU."""
+    args = train_args(tmp_path / "run", loss_implementation="chunked" if loss == "chunked" else "auto")
     pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=UnevenLoader,
              compute_loss_func=micro_batch_mean_loss if loss == "micro_batch_mean" else None)
     expected, _ = independent_losses(args)
     assert first_step(tmp_path / "run")["train_loss"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_two_ranks_with_uneven_label_counts_log_the_token_mean_of_the_step(tmp_path):
-    """Two processes over gloo, each with two micro-batches: rank 0 holds 46 labels, rank 1 11."""
+@pytest.mark.parametrize("path", ["auto", "chunked"])
+def test_two_ranks_with_uneven_label_counts_log_the_token_mean_of_the_step(tmp_path, path):
+    """Two processes over gloo, each with two micro-batches: rank 0 holds 46 labels, rank 1 11. `chunked` is the
+    GPU's default loss path, here under DDP on the CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
            "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "uneven_batches.py"), str(tmp_path)], env=env, capture_output=True,
-                            text=True, timeout=300)
+                             str(ROOT / "tests" / "uneven_batches.py"), str(tmp_path), path], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     expected, _ = independent_losses(train_args(tmp_path))
     assert first_step(tmp_path)["train_loss"] == pytest.approx(expected, rel=1e-6)

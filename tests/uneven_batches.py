@@ -90,12 +90,13 @@ def train_args(output_dir: Path, **overrides: Any):
     return TrainingArguments(**{**values, **overrides})
 
 
-def main(output_dir: Path) -> None:
+def main(output_dir: Path, loss_implementation: str) -> None:
     from conftest import TINY_GPT2
     from timl.recipe import ModelArguments, pretrain
 
-    pretrain(ModelArguments(config_overrides=TINY_GPT2), train_args(output_dir), train_loader_factory=UnevenLoader)
+    args = train_args(output_dir, loss_implementation=loss_implementation)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=UnevenLoader)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "auto")

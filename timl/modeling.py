@@ -306,9 +306,10 @@ def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.devic
                      logits_needed_by: str | None = None) -> tuple[str, Head | None]:
     """The loss path to train on and the checked head it goes through (None for the model's own logits).
 
-    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path: chunked on a GPU, full on the CPU). Whatever is asked, a head that does not
-    reproduce the model's own logits, or a custom loss or train metric that needs the logits (`logits_needed_by`),
-    sends training to the model's own logits, said once; an unavailable fused kernel falls back to "auto".
+    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path: chunked on a GPU, full on the CPU).
+    Whatever is asked, a head that does not reproduce the model's own logits, or a custom loss or train metric that
+    needs the logits (`logits_needed_by`), sends training to the model's own logits, said once; an unavailable
+    fused kernel falls back to "auto".
     """
     from timl import kernels
 
