@@ -60,6 +60,10 @@ case "$step" in
     install_wheels; throughput_llama main timl,timl-full,timl-mem0.9,hf-compiled --variant-timeout 150 ;;
   throughput-llama-budget)  # ~5 min: two more activation memory budgets
     install_wheels; throughput_llama budget timl-mem0.99,timl-mem0.95 --variant-timeout 145 ;;
+  throughput-llama-recompute)  # ~7.5 min: each of the three partitioner bans that the memory budget lifts, lifted alone
+    install_wheels
+    throughput_llama recompute timl-recompute-used-far-apart,timl-recompute-long-fusible-chains,timl-recompute-materialized-backward \
+      --variant-timeout 145 ;;
   throughput-gpt2-autotune)  # ~7.5 min: mode=max-autotune against the default, GPT-2 without dropout
     install_wheels
     bench throughput.py --model gpt2 --variants timl,timl-max-autotune --warmup 8 --steps 30 --log-every 8 \

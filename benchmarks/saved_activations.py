@@ -29,6 +29,8 @@ def saved_tensors(budget: float | None, options: argparse.Namespace) -> dict[int
 
     torch._dynamo.reset()
     functorch_config.activation_memory_budget = 1.0 if budget is None else budget
+    for ban in ("used_far_apart", "long_fusible_chains", "materialized_backward"):
+        setattr(functorch_config, f"ban_recompute_{ban}", ban not in options.lift)
     torch.manual_seed(0)
     hidden = options.hidden
     config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=hidden // 32,
@@ -60,14 +62,18 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256, help="width (heads of 32, a KV head per 4 heads)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=256, help="tokens per sequence; two sequences")
+    parser.add_argument("--lift", default="", help="comma-separated partitioner bans to lift (used_far_apart, "
+                                                   "long_fusible_chains, materialized_backward), for every budget")
     options = parser.parse_args()
+    options.lift = [ban for ban in options.lift.split(",") if ban]
     for name in options.budgets.split(","):
         budget = None if name == "none" else float(name)
         saved = saved_tensors(budget, options)
         counts = collections.Counter((shape, dtype, parameter) for shape, dtype, _, parameter in saved.values())
         sizes = {(shape, dtype, parameter): size for shape, dtype, size, parameter in saved.values()}
         extra = sum(size for _, _, size, parameter in saved.values() if not parameter)
-        print(f"\nbudget {name}: {extra / 2**20:.2f} MiB saved besides the parameters (which are kept anyway)")
+        lifted = f", bans lifted: {', '.join(options.lift)}" if options.lift else ""
+        print(f"\nbudget {name}{lifted}: {extra / 2**20:.2f} MiB saved besides the parameters (kept anyway)")
         print("| count | shape | dtype | MiB each | a parameter |\n|---:|---|---|---:|---|")
         for key, count in sorted(counts.items(), key=lambda item: (item[0][2], -item[1] * sizes[item[0]])):
             shape, dtype, parameter = key

@@ -259,6 +259,22 @@ def plain_padded(options: argparse.Namespace) -> Measurement:
 
 
 timl = functools.partial(timl_variant, pad_vocab_size_to=64)  # a no-op for llama-1b, whose vocab is a multiple of 64
+
+
+def timl_partitioner(ban: str) -> Callable[[argparse.Namespace], Measurement]:
+    """timl with one of the compiler partitioner's recompute bans lifted (`torch._functorch.config.ban_recompute_*`):
+    the activation memory budget lifts three at once (see RESULTS.md); each variant runs in its own process."""
+    def run(options: argparse.Namespace) -> Measurement:
+        import torch._functorch.config as functorch_config
+
+        if not hasattr(functorch_config, f"ban_recompute_{ban}"):
+            raise RuntimeError(f"torch {torch.__version__} has no torch._functorch.config.ban_recompute_{ban}")
+        setattr(functorch_config, f"ban_recompute_{ban}", False)
+        return timl(options)
+    return run
+
+
+PARTITIONER_BANS = ("used_far_apart", "long_fusible_chains", "materialized_backward")
 hf_compiled = functools.partial(hf_variant, compiled=True)
 NON_REENTRANT = {"use_reentrant": False}  # as timl's activation checkpointing, which composes with torch.compile
 VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {  # name: (description, run)
@@ -270,6 +286,8 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
     **{f"timl-mem{budget}": (f"timl compiled, activation_memory_budget={budget}",
                              functools.partial(timl, activation_memory_budget=budget))
        for budget in (0.99, 0.95, 0.9, 0.8, 0.6)},
+    **{f"timl-recompute-{ban.replace('_', '-')}": (f"timl compiled, ban_recompute_{ban}=False", timl_partitioner(ban))
+       for ban in PARTITIONER_BANS},
     "timl-regional": ("timl, each transformer block compiled on its own",
                       functools.partial(timl, regional_compilation=True)),
     "timl-ac": ("timl compiled + activation checkpointing", functools.partial(timl, activation_checkpointing=True)),
