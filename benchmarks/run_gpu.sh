@@ -64,6 +64,11 @@ case "$step" in
     install_wheels
     throughput_llama recompute timl-recompute-used-far-apart,timl-recompute-long-fusible-chains,timl-recompute-materialized-backward \
       --variant-timeout 145 ;;
+  throughput-gpt2-optimizer)  # ~3 min: the optimizer step in the graph (compiled AdamW) against fused AdamW, in the plain loop
+    install_wheels
+    bench throughput.py --model gpt2 --variants plain-padded,plain-padded-compiled-step --warmup 8 --steps 30 \
+      --log-every 8 --config_overrides resid_pdrop=0,embd_pdrop=0,attn_pdrop=0 --variant-timeout 150 \
+      --out "$OUT/throughput-gpt2-optimizer.md" ;;
   throughput-gpt2-autotune)  # ~7.5 min: mode=max-autotune against the default, GPT-2 without dropout
     install_wheels
     bench throughput.py --model gpt2 --variants timl,timl-max-autotune --warmup 8 --steps 30 --log-every 8 \

@@ -227,10 +227,15 @@ def hf_variant(options: argparse.Namespace, compiled: bool, **hf_flags: Any) -> 
     return clock.timer.measurement(trainer.last_loss.item())
 
 
-def plain_variant(options: argparse.Namespace, vocab_size: int | None = None) -> Measurement:
+def plain_variant(options: argparse.Namespace, vocab_size: int | None = None,
+                  compiled_step: bool = False) -> Measurement:
+    """A plain compiled loop; `compiled_step`: its AdamW step compiled by Inductor (the optimizer in the graph, as
+    PyTorch's compiled-optimizer recipe does) instead of the fused CUDA kernel. The learning rate is constant here,
+    so the compiled step never recompiles."""
     model = new_model(options.config, vocab_size).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, ADAM_BETA2),
-                                  weight_decay=WEIGHT_DECAY, fused=True)
+                                  weight_decay=WEIGHT_DECAY, fused=not compiled_step, foreach=compiled_step or None)
+    optimizer_step = torch.compile(optimizer.step) if compiled_step else optimizer.step
 
     # The loss is compiled with the model: eager cross-entropy would materialise fp32 logits.
     @torch.compile
@@ -248,14 +253,14 @@ def plain_variant(options: argparse.Namespace, vocab_size: int | None = None) ->
             loss = forward_loss(window[:-1].view(options.batch, -1), window[1:].view(options.batch, -1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
+        optimizer_step()
         optimizer.zero_grad(set_to_none=True)
         timer.step_done(step + 1)
     return timer.measurement(loss.item())
 
 
-def plain_padded(options: argparse.Namespace) -> Measurement:
-    return plain_variant(options, vocab_size=math.ceil(options.config.vocab_size / 64) * 64)
+def plain_padded(options: argparse.Namespace, compiled_step: bool = False) -> Measurement:
+    return plain_variant(options, math.ceil(options.config.vocab_size / 64) * 64, compiled_step)
 
 
 timl = functools.partial(timl_variant, pad_vocab_size_to=64)  # a no-op for llama-1b, whose vocab is a multiple of 64
@@ -307,6 +312,8 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
                         functools.partial(timl, use_cut_cross_entropy=True, cut_cross_entropy_kwargs={"impl": "cce"})),
     "plain-padded": ("plain loop, compiled model + loss, vocab padded to 64", plain_padded),
     "plain": ("plain loop, compiled model + loss, vocab unpadded", plain_variant),
+    "plain-padded-compiled-step": ("plain loop as plain-padded, its AdamW step compiled instead of fused",
+                                   functools.partial(plain_padded, compiled_step=True)),
     "hf-compiled": ("Hugging Face Trainer, torch_compile=True", hf_compiled),
     "hf-compiled-ac": ("Hugging Face Trainer, torch_compile=True, gradient_checkpointing=True",
                        functools.partial(hf_compiled, gradient_checkpointing=True,
