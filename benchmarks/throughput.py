@@ -293,6 +293,10 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
        for budget in (0.99, 0.95, 0.9, 0.8, 0.6)},
     **{f"timl-recompute-{ban.replace('_', '-')}": (f"timl compiled, ban_recompute_{ban}=False", timl_partitioner(ban))
        for ban in PARTITIONER_BANS},
+    "timl-pointwise": ("timl compiled, compile_recompute_pointwise", functools.partial(
+        timl, compile_recompute_pointwise=True)),
+    "timl-full-pointwise": ("timl compiled, compile_recompute_pointwise, loss_implementation=full", functools.partial(
+        timl, compile_recompute_pointwise=True, loss_implementation="full")),
     "timl-regional": ("timl, each transformer block compiled on its own",
                       functools.partial(timl, regional_compilation=True)),
     "timl-ac": ("timl compiled + activation checkpointing", functools.partial(timl, activation_checkpointing=True)),
@@ -499,6 +503,10 @@ def _ratio(rows: dict[str, dict[str, Any]], key: str, name: str, other: str) -> 
     return value / reference if value and reference else None
 
 
+LEAN_LLAMA_VARIANTS = ("timl-mem0.9", "timl-pointwise", "timl-full-pointwise")
+"""Settings that trade some speed for memory, each held to the Llama-1B memory and speed targets."""
+
+
 def target_lines(rows: dict[str, dict[str, Any]], model: str) -> list[str]:
     rate = functools.partial(_ratio, rows, "tokens_per_second")
     if model == "gpt2":
@@ -521,10 +529,10 @@ def target_lines(rows: dict[str, dict[str, Any]], model: str) -> list[str]:
             ("timl peak memory ≤ 0.75× HF compiled", _ratio(rows, "peak_gib", "timl", "hf-compiled"),
              lambda v: v <= 0.75, "{:.2f}×"),
             ("timl tokens/s ≥ 0.98× timl-full", rate("timl", "timl-full"), lambda v: v >= 0.98, "{:.3f}×"),
-            ("timl-mem0.9 peak memory ≤ 0.75× HF compiled", _ratio(rows, "peak_gib", "timl-mem0.9", "hf-compiled"),
-             lambda v: v <= 0.75, "{:.2f}×"),
-            ("timl-mem0.9 tokens/s ≥ 0.98× timl-full", rate("timl-mem0.9", "timl-full"), lambda v: v >= 0.98,
-             "{:.3f}×"),
+            *[target for lean in LEAN_LLAMA_VARIANTS for target in (
+                (f"{lean} peak memory ≤ 0.75× HF compiled", _ratio(rows, "peak_gib", lean, "hf-compiled"),
+                 lambda v: v <= 0.75, "{:.2f}×"),
+                (f"{lean} tokens/s ≥ 0.98× timl-full", rate(lean, "timl-full"), lambda v: v >= 0.98, "{:.3f}×"))],
             ("regional compilation: first step ≥ 2× faster than whole-model (timl)",
              _ratio(rows, "first_step_seconds", "timl", "timl-regional"), lambda v: v >= 2, "{:.2f}× faster"),
             ("regional compilation: ≤ 2% throughput cost", rate("timl-regional", "timl"), lambda v: v >= 0.98,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -48,9 +50,9 @@ def test_bad_compile_and_fp8_arguments_are_named():
         assert text in str(error.value)
 
 
-def saved_bytes_of_a_compiled_step(budget: float | None) -> tuple[int, float]:
+def saved_bytes_of_a_compiled_step(budget: float | None = None, **arguments: Any) -> tuple[int, float]:
     """Bytes the compiled training module keeps for its backward (through autograd's saved-tensor hooks), and the
-    loss, with timl's compile_model given `budget`."""
+    loss, with timl's compile_model given `budget` and the other training `arguments`."""
     from timl.losses import next_token_loss
     from timl.modeling import CausalLMForTraining, compile_model, read_head
 
@@ -58,7 +60,7 @@ def saved_bytes_of_a_compiled_step(budget: float | None) -> tuple[int, float]:
     torch.manual_seed(0)
     model = build_model(build_config("gpt2", TINY_GPT2))
     training = CausalLMForTraining(model, next_token_loss, "full", read_head(model), {}, {}, return_outputs=False)
-    args = TrainingArguments(output_dir="unused", torch_compile=True, activation_memory_budget=budget)
+    args = TrainingArguments(output_dir="unused", torch_compile=True, activation_memory_budget=budget, **arguments)
     step = compile_model(training, model, args)
     tokens = torch.randint(0, 64, (4, 33))
     inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
@@ -83,3 +85,21 @@ def test_a_lower_activation_memory_budget_makes_the_compiled_step_keep_less_for_
     assert functorch_config.activation_memory_budget == 0.0
     assert lean_bytes < 0.75 * default_bytes
     assert lean_loss == pytest.approx(default_loss, rel=1e-6)
+
+
+def test_compile_recompute_pointwise_makes_the_compiled_step_keep_less_for_its_backward(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    ban = functorch_config.ban_recompute_materialized_backward
+    monkeypatch.setattr(functorch_config, "ban_recompute_materialized_backward", ban)
+    default_bytes, default_loss = saved_bytes_of_a_compiled_step()
+    assert functorch_config.ban_recompute_materialized_backward is True
+    lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(compile_recompute_pointwise=True)
+    assert functorch_config.ban_recompute_materialized_backward is False
+    assert lean_bytes < 0.9 * default_bytes
+    assert lean_loss == pytest.approx(default_loss, rel=1e-6)
+
+
+def test_compile_recompute_pointwise_needs_torch_compile():
+    with pytest.raises(ValueError, match="--compile_recompute_pointwise needs --torch_compile"):
+        TrainingArguments(output_dir="unused", compile_recompute_pointwise=True)

@@ -360,11 +360,16 @@ def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: Any) 
     if not args.torch_compile:
         return training
     options = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
-    if args.activation_memory_budget is not None:
-        import torch._functorch.config as functorch_config
+    import torch._functorch.config as functorch_config
 
-        # Read by AOTAutograd's partitioner when the first step compiles; one training run per process.
+    # Both are read by AOTAutograd's partitioner when the first step compiles; one training run per process.
+    if args.activation_memory_budget is not None:
         functorch_config.activation_memory_budget = args.activation_memory_budget
+    if args.compile_recompute_pointwise:
+        if not hasattr(functorch_config, "ban_recompute_materialized_backward"):
+            raise ValueError(f"--compile_recompute_pointwise: torch {torch.__version__} has no "
+                             f"torch._functorch.config.ban_recompute_materialized_backward")
+        functorch_config.ban_recompute_materialized_backward = False
     if not args.regional_compilation:
         return torch.compile(training, **options)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
