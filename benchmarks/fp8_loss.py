@@ -9,7 +9,7 @@ of its own: the embedded corpus (Python's own documentation in GPT-2 BPE, timl.t
 0.7M train tokens, so 300 steps of 8 × 1024 pass over it about 3.5 times), a Llama-shaped model of hidden size 1024,
 8 layers, 16 heads of 64 with 4 key/value heads, FFN 4096, GPT-2's vocab 50257 padded to 64 and tied embeddings
 (about 170M parameters); 1024-token sequences, AdamW at lr 6e-4 with 30 warm-up steps and cosine decay, bf16
-autocast, compiled. FP8 converts the decoder's linear layers; the head stays in bf16.
+autocast, compiled. FP8 converts the decoder's linear layers; the head stays in bf16 except in "tensorwise+head".
 
 The train loss is logged every 10 steps (the mean over those 10), the eval loss over the whole eval split every 100.
 The table gives both at every 100th step with their gap to bf16, (fp8 − bf16) / bf16, and tokens/s over the steps
@@ -37,7 +37,8 @@ MODEL_OVERRIDES = ("hidden_size=1024,intermediate_size=4096,num_hidden_layers=8,
                    "num_key_value_heads=4,head_dim=64,vocab_size=50257,max_position_embeddings=1024,"
                    "tie_word_embeddings=True")
 BLOCK_SIZE, LOG_EVERY, EVAL_EVERY, WARMUP_STEPS = 1024, 10, 100, 30
-RECIPES = ("bf16", "tensorwise", "rowwise")
+RECIPES = ("bf16", "tensorwise", "rowwise", "tensorwise+head")
+"""torchao's float8 recipes; "+head": the output head in FP8 too (--fp8_output_head, through the logits path)."""
 
 
 def measure(options: argparse.Namespace) -> dict[str, Any]:
@@ -45,7 +46,8 @@ def measure(options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as output_dir:
         args = timl_arguments(output_dir, options.train, BLOCK_SIZE, options.batch, options.steps, LOG_EVERY,
                               eval_file_pattern=options.eval, eval_every_steps=EVAL_EVERY, per_device_eval_batch_size=8,
-                              fp8=None if options.child == "bf16" else options.child, pad_vocab_size_to=64,
+                              fp8=None if options.child == "bf16" else options.child.removesuffix("+head"),
+                              fp8_output_head=options.child.endswith("+head"), pad_vocab_size_to=64,
                               warmup_steps=WARMUP_STEPS, lr_scheduler_type="cosine")
         timl_trainer(new_model(build_config("llama", MODEL_OVERRIDES)), args).train()
         path = Path(output_dir) / "metrics.jsonl"

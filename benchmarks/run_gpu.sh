@@ -91,6 +91,12 @@ case "$step" in
     install_wheels; throughput_llama regional timl,timl-regional --variant-timeout 250 ;;
   throughput-llama-fp8)  # ~8 min: bf16 against float8 tensorwise and rowwise (FP8 compiles for about 2 min)
     install_wheels; throughput_llama fp8 timl,timl-fp8-tensorwise,timl-fp8-rowwise --variant-timeout 330 ;;
+  throughput-llama-fp8-head)  # ~8 min: bf16 against float8 tensorwise, with the output head in bf16 and in FP8
+    install_wheels; throughput_llama fp8-head timl,timl-fp8-tensorwise,timl-fp8-tensorwise-head --variant-timeout 330 ;;
+  fp8-loss-head)  # ~4 min: bf16 against tensorwise with the output head in FP8, loss curves on the embedded corpus, 300 steps
+    install_wheels
+    bench fp8_loss.py --recipes bf16,tensorwise+head --steps 300 --batch 8 --timeout 200 --data-dir /tmp/python_docs \
+      --out "$OUT/fp8_loss-head.md" ;;
   throughput-llama-more)  # ~6 min: the chunked loss, activation checkpointing, the HF Trainer with Liger
     install_wheels; throughput_llama more timl-chunked,timl-ac,hf-compiled-liger --variant-timeout 170 ;;
   throughput-llama-ac)  # ~6 min: activation checkpointing against the default and the HF Trainer's checkpointing

@@ -306,6 +306,8 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
                             functools.partial(timl, fp8="tensorwise")),
     "timl-fp8-rowwise": ("timl compiled, float8 rowwise on the decoder's linears",
                          functools.partial(timl, fp8="rowwise")),
+    "timl-fp8-tensorwise-head": ("timl compiled, float8 tensorwise on the decoder's linears and the output head",
+                                 functools.partial(timl, fp8="tensorwise", fp8_output_head=True)),
     "timl-max-autotune": ("timl compiled with mode=max-autotune",
                           functools.partial(timl, torch_compile_mode="max-autotune")),
     "timl-cudagraphs": ("timl compiled with mode=reduce-overhead (CUDA graphs)",
@@ -540,6 +542,8 @@ def target_lines(rows: dict[str, dict[str, Any]], model: str) -> list[str]:
             ("fp8 tensorwise ≥ 1.2× bf16 (timl)", rate("timl-fp8-tensorwise", "timl"), lambda v: v >= 1.2,
              "{:.2f}×"),
             ("fp8 rowwise ≥ 1.2× bf16 (timl)", rate("timl-fp8-rowwise", "timl"), lambda v: v >= 1.2, "{:.2f}×"),
+            ("fp8 tensorwise with the head ≥ 1.2× bf16 (timl)", rate("timl-fp8-tensorwise-head", "timl"),
+             lambda v: v >= 1.2, "{:.2f}×"),
         ]
     return [f"- {text}: " + ("not measured" if value is None else
                              f"{'met' if met(value) else 'NOT MET'} ({shown.format(value)})")

@@ -41,6 +41,32 @@ def test_fp8_without_fp8_hardware_is_refused_before_training(tmp_path):
     assert not (tmp_path / "fp8" / "metrics.jsonl").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a GPU with FP8 tensor cores")
+def test_fp8_output_head_trains_the_tied_head_in_fp8_and_saves_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    write_learnable_shards(tmp_path, 2048, "train")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=16, per_device_train_batch_size=16, max_train_steps=20,
+                             log_every_steps=1, save_every_steps=0, report_to="none", optim="adamw_torch",
+                             learning_rate=1e-2, fp8="tensorwise", fp8_output_head=True)
+    torch.manual_seed(0)
+    model = build_model(build_config("gpt2", TINY_GPT2))
+    trainer = Trainer(model, args)
+    trainer.train()
+    # GPT-2's blocks are Conv1D, so the head is its one linear layer: FP8, and still the embedding's tensor.
+    assert type(model.lm_head).__name__ == "Float8Linear"
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert trainer.loss_path == "logits"
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r]
+    assert len(losses) == 20 and losses[-1] < 0.8 * losses[0]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "main")
+    assert torch.equal(loaded.lm_head.weight, model.transformer.wte.weight.detach().cpu())
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
 def test_bad_compile_and_fp8_arguments_are_named():
     with pytest.raises(ValueError) as error:
         TrainingArguments(fp8="e5m2", regional_compilation=True, torch_compile_mode="fastest",
@@ -48,6 +74,14 @@ def test_bad_compile_and_fp8_arguments_are_named():
     for text in ("--fp8 'e5m2'", "--regional_compilation needs --torch_compile", "--torch_compile_mode 'fastest'",
                  "--activation_memory_budget needs --torch_compile", "--activation_memory_budget 1.5 is not between"):
         assert text in str(error.value)
+
+
+def test_fp8_output_head_needs_fp8_and_the_models_own_logits():
+    with pytest.raises(ValueError) as error:
+        TrainingArguments(output_dir="unused", fp8_output_head=True, loss_implementation="chunked")
+    for text in ("--fp8_output_head needs --fp8", "the chunked loss path multiplies the head's weight itself"):
+        assert text in str(error.value)
+    TrainingArguments(output_dir="unused", fp8="tensorwise", fp8_output_head=True, loss_implementation="logits")
 
 
 def saved_bytes_of_a_compiled_step(budget: float | None = None, **arguments: Any) -> tuple[int, float]:

@@ -123,6 +123,8 @@ class TrainingArguments:
                                                  "compute. Works with DDP and FSDP.")
     fp8: str | None = _arg(None, "FP8 training of the decoder's linear layers through torchao: tensorwise or "
                                  "rowwise scaling (needs a GPU of compute capability 8.9 or more, e.g. H100).")
+    fp8_output_head: bool = _arg(False, "With --fp8: the output head in FP8 too. Its logits then come from the "
+                                        "model's own forward (the logits loss path, which auto picks).")
     pad_vocab_size_to: int | None = _arg(None, "Pad the vocab to a multiple of this (64 is fast on GPUs); padded "
                                                "rows never get probability mass, and the config states the padding.")
 
@@ -250,6 +252,11 @@ class TrainingArguments:
         if len(flags) > 1 or flags and self.loss_implementation not in ("auto", flags[0]):
             problems.append(f"--use_liger_kernel, --use_cut_cross_entropy and --loss_implementation "
                             f"{self.loss_implementation} ask for different loss paths: pick one")
+        if self.fp8_output_head and not self.fp8:
+            problems.append("--fp8_output_head needs --fp8")
+        if self.fp8_output_head and self.requested_loss_path not in ("auto", "logits"):
+            problems.append(f"--fp8_output_head trains on the model's own logits: the {self.requested_loss_path} "
+                            f"loss path multiplies the head's weight itself, so its head would stay in bf16")
         if self.z_loss_coefficient and self.requested_loss_path == "cut_cross_entropy":
             problems.append("--z_loss_coefficient does not work with --use_cut_cross_entropy, which has no z-loss")
         if self.z_loss_coefficient < 0:

@@ -121,10 +121,10 @@ def apply_liger(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
     return [f"liger LayerNorm x{replaced}"] if replaced else []
 
 
-def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device) -> str:
+def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device, output_head: bool = False) -> str:
     """Converts the decoder's linear layers to torchao's float8 training (`recipe`: tensorwise or rowwise). The
-    output head stays in bf16 (its logits feed the loss), as do layers whose sizes are not multiples of 16, which
-    the FP8 matmul needs."""
+    output head stays in bf16 (its logits feed the loss) unless `output_head`; layers whose sizes are not multiples
+    of 16, which the FP8 matmul needs, always do."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
         raise ValueError(f"--fp8 {recipe} needs a GPU with FP8 tensor cores (compute capability 8.9 or more: H100, "
@@ -134,6 +134,11 @@ def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device) -> str:
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output_head and not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"--fp8_output_head: {type(model).__name__}'s output head is "
+                         f"{type(head).__name__ if head is not None else 'missing'}, not a torch.nn.Linear")
+    if output_head:
+        head = None
 
     def convertible(module: torch.nn.Module, name: str) -> bool:
         return (isinstance(module, torch.nn.Linear) and module is not head
@@ -142,4 +147,4 @@ def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device) -> str:
     converted = sum(convertible(module, name) for name, module in model.named_modules())
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                module_filter_fn=convertible)
-    return f"fp8 {recipe} on {converted} linear layers"
+    return f"fp8 {recipe} on {converted} linear layers" + (", the output head among them" if output_head else "")

@@ -122,6 +122,8 @@ class Trainer:
         needed_by = "the custom compute_loss_func" if compute_loss_func is not None else None
         if train_metrics and requested == "auto":
             needed_by = needed_by or "the train metrics"
+        if args.fp8_output_head:
+            needed_by = needed_by or "--fp8_output_head"
         self.loss_path, self.head = choose_loss_path(model, requested, self.accelerator.device, args.forward_kwargs,
                                                      logits_needed_by=needed_by)
         if self.loss_path != "logits" and train_metrics:
@@ -130,7 +132,7 @@ class Trainer:
         if self.loss_path == "liger":
             active += apply_liger(model, args.liger_kernel_kwargs)
         if args.fp8:
-            active.append(apply_fp8(model, args.fp8, self.accelerator.device))
+            active.append(apply_fp8(model, args.fp8, self.accelerator.device, output_head=args.fp8_output_head))
         if args.activation_checkpointing:
             active.append(enable_activation_checkpointing(model))
         active.append(f"loss: {self.loss_path}" + (f" through the head ({self.head.describe()})" if self.head else "")
