@@ -110,26 +110,29 @@ def saved_bytes_of_a_compiled_step(budget: float | None = None, **arguments: Any
     return sum(saved.values()), loss.item()
 
 
-def test_a_lower_activation_memory_budget_makes_the_compiled_step_keep_less_for_its_backward(monkeypatch):
+def test_a_lower_activation_memory_budget_makes_the_compiled_step_keep_less_for_its_backward():
     import torch._functorch.config as functorch_config
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
-    default_bytes, default_loss = saved_bytes_of_a_compiled_step(None)
-    lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(0.0)
-    assert functorch_config.activation_memory_budget == 0.0
+    # The config's own patch restores what compile_model sets (pytest's monkeypatch would delete the attribute on
+    # undo, which hides it from every later compile in this process).
+    with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget):
+        default_bytes, default_loss = saved_bytes_of_a_compiled_step(None)
+        lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(0.0)
+        assert functorch_config.activation_memory_budget == 0.0
     assert lean_bytes < 0.75 * default_bytes
     assert lean_loss == pytest.approx(default_loss, rel=1e-6)
 
 
-def test_compile_recompute_pointwise_makes_the_compiled_step_keep_less_for_its_backward(monkeypatch):
+def test_compile_recompute_pointwise_makes_the_compiled_step_keep_less_for_its_backward():
     import torch._functorch.config as functorch_config
 
     ban = functorch_config.ban_recompute_materialized_backward
-    monkeypatch.setattr(functorch_config, "ban_recompute_materialized_backward", ban)
-    default_bytes, default_loss = saved_bytes_of_a_compiled_step()
-    assert functorch_config.ban_recompute_materialized_backward is True
-    lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(compile_recompute_pointwise=True)
-    assert functorch_config.ban_recompute_materialized_backward is False
+    with functorch_config.patch(ban_recompute_materialized_backward=ban):
+        default_bytes, default_loss = saved_bytes_of_a_compiled_step()
+        assert functorch_config.ban_recompute_materialized_backward is True
+        lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(compile_recompute_pointwise=True)
+        assert functorch_config.ban_recompute_materialized_backward is False
+    assert functorch_config.ban_recompute_materialized_backward is ban
     assert lean_bytes < 0.9 * default_bytes
     assert lean_loss == pytest.approx(default_loss, rel=1e-6)
 
