@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timl.arguments import TrainingArguments, parse_args
+from timl.recipe import exit_on_run_error
 from timl.trainer import Trainer
 
 
@@ -35,7 +36,8 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.norm1, self.norm2 = nn.RMSNorm(config.n_embd), nn.RMSNorm(config.n_embd)
+        # Named *_norm, as the Hugging Face Trainer's rule knows norms by name: their weights get no weight decay.
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(config.n_embd), nn.RMSNorm(config.n_embd)
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
@@ -43,10 +45,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.n_head, -1).transpose(1, 3).unbind(2)
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.n_head, -1).transpose(1, 3).unbind(2)
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
+        return x + self.down(F.gelu(self.up(self.mlp_norm(x))))
 
 
 class GPT(nn.Module):
@@ -80,4 +82,5 @@ class GPT(nn.Module):
 if __name__ == "__main__":
     model_config, training_args = parse_args(GPTConfig, TrainingArguments)
     torch.manual_seed(training_args.seed)
-    Trainer(GPT(model_config), training_args).train()
+    with exit_on_run_error():
+        Trainer(GPT(model_config), training_args, model_info=asdict(model_config)).train()

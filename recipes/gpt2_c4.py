@@ -7,8 +7,9 @@ The same flags work under torchrun and plain python; `python recipes/gpt2_c4.py 
 """
 
 from timl.arguments import TrainingArguments, parse_args
-from timl.recipe import ModelArguments, pretrain
+from timl.recipe import ModelArguments, exit_on_run_error, pretrain
 
 if __name__ == "__main__":
     model_args, training_args = parse_args(ModelArguments, TrainingArguments)
-    pretrain(model_args, training_args)
+    with exit_on_run_error():
+        pretrain(model_args, training_args)

@@ -10,12 +10,21 @@
   pause ARGS...
       pretrain() with the recipe's ARGS, pausing forever in the save of step 6 after the DCP shards and before the
       marker (announced by a file `paused` in output_dir), so that a test can kill it there.
+  stop_writing_on_rank_1 RESULT_DIR ARGS...
+      pretrain() with the recipe's ARGS, on whose rank 1 every file write fails with EFBIG from step 3 on (a file size
+      limit of 0 bytes, which binds root too). Writes RESULT_DIR/rank{R}.txt: 'finished' or the error.
+  resolve_latest OUTPUT_DIR RESULT_DIR
+      Runs timl.checkpoint.resolve('latest', OUTPUT_DIR); writes RESULT_DIR/rank{R}.json: the path resolved, the
+      files this rank hashed and the warnings it logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -145,5 +154,50 @@ def pause(*argv: str) -> None:
     pretrain(*parse_args(ModelArguments, TrainingArguments, argv=list(argv)))
 
 
+def stop_writing_on_rank_1(result_dir: str, *argv: str) -> None:
+    from timl.arguments import TrainingArguments, parse_args
+    from timl.callbacks import TrainerCallback
+    from timl.recipe import ModelArguments, pretrain
+
+    rank = int(os.environ["RANK"])
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    class NoMoreBytes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.step == 3 and rank == 1:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write() fails with EFBIG, not a kill
+                resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+
+    try:
+        pretrain(*parse_args(ModelArguments, TrainingArguments, argv=list(argv)), callbacks=[NoMoreBytes()])
+        result = "finished"
+    except Exception as error:
+        result = f"{type(error).__name__}: {error}"
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    Path(result_dir, f"rank{rank}.txt").write_text(result)
+
+
+def resolve_latest(output_dir: str, result_dir: str) -> None:
+    from timl import checkpoint, manifest
+
+    dist.init_process_group("gloo")
+    hashed, warnings = [], []
+    real_file_entry = manifest.file_entry
+
+    def recording(path):
+        hashed.append(str(path))
+        return real_file_entry(path)
+
+    manifest.file_entry = recording  # what verify calls
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("timl.checkpoint").addHandler(handler)
+    path = checkpoint.resolve("latest", output_dir)
+    Path(result_dir, f"rank{dist.get_rank()}.json").write_text(
+        json.dumps({"resolved": str(path), "hashed": hashed, "warnings": warnings}))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    {"fsdp": fsdp, "shared": shared, "pause": pause}[sys.argv[1]](*sys.argv[2:])
+    {"fsdp": fsdp, "shared": shared, "pause": pause, "stop_writing_on_rank_1": stop_writing_on_rank_1,
+     "resolve_latest": resolve_latest}[sys.argv[1]](*sys.argv[2:])

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import read_metrics, write_learnable_shards
 from timl.arguments import TrainingArguments
 from timl.losses import next_token_loss
-from timl.modeling import CausalLMForTraining, choose_loss_path, output_layer, read_head
+from timl.modeling import CausalLMForTraining, build_config, choose_loss_path, output_layer, read_head
 from timl.recipe import ModelArguments, make_model
 from timl.trainer import Trainer
 
@@ -48,12 +49,16 @@ ARCHITECTURES = {
 }
 
 
-def tiny_config(model_type: str):
+def tiny_values(model_type: str) -> dict[str, Any]:
     values = {**TINY, **ARCHITECTURES[model_type]}
     if model_type == "gpt2":
         values = {k: v for k, v in values.items() if k not in ("hidden_size", "num_hidden_layers", "head_dim",
                                                                "num_attention_heads", "max_position_embeddings")}
-    return AutoConfig.for_model(model_type, **values)
+    return values
+
+
+def tiny_config(model_type: str):
+    return AutoConfig.for_model(model_type, **tiny_values(model_type))
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
@@ -77,6 +82,23 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
     labels = tokens[:, 1:].clone()
     labels[0, :3] = -100
     return {"input_ids": tokens[:, :-1], "labels": labels}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_each_family_built_through_config_overrides_saves_with_one_entry_per_layer(model_type, tmp_path):
+    """The tiny sizes as a user gives them, in --config_overrides: the per-layer lists the family derives from its
+    layer count (layer_types, ...) follow the new count, so the config saves and reloads."""
+    default = AutoConfig.for_model(model_type)
+    # Only values where the default config holds a number or a string: all that update_from_string can set.
+    overrides = ",".join(f"{name}={value}" for name, value in tiny_values(model_type).items()
+                         if value is not None and isinstance(getattr(default, name, None), (int, float, str)))
+    build_config(model_type, overrides).save_pretrained(tmp_path)
+    saved = AutoConfig.from_pretrained(tmp_path)
+    assert saved.num_hidden_layers == 2
+    per_layer = [name for name, value in default.to_dict().items()
+                 if isinstance(value, list) and len(value) == default.num_hidden_layers]
+    for name in per_layer:
+        assert len(getattr(saved, name)) == 2, name
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

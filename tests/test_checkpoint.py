@@ -1,5 +1,5 @@
 """Checkpoints: exact resume after kill -9 (one and two processes), atomic saves, keep-last-N, SIGTERM, rollbacks,
-safety."""
+safety, verification on resume (truncated, altered, unverifiable), failed saves on a full disk or on one rank."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl import checkpoint
@@ -151,16 +152,24 @@ def tiny_args(data_dir: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(**{**values, **overrides})
 
 
+def tiny_recipe(data_dir: Path, output_dir: Path, max_train_steps: int = 8) -> list[str]:
+    """tiny_args as command-line arguments of the recipe (or of dcp_worker's modes that run pretrain)."""
+    return ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(output_dir),
+            "--train_file_pattern", str(data_dir / "train_*.bin"), "--block_size", "16", "--train_batch_size", "8",
+            "--per_device_train_batch_size", "4", "--max_train_steps", str(max_train_steps), "--save_every_steps", "2",
+            "--eval_every_steps", "0", "--report_to", "none", "--optim", "adamw_torch"]
+
+
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+              "ACCELERATE_USE_CPU": "true"}
+
+
 def test_a_kill_9_in_the_middle_of_a_save_leaves_latest_on_the_previous_checkpoint(data):
     run = data / "run"
-    recipe = ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(run),
-              "--train_file_pattern", str(data / "train_*.bin"), "--block_size", "16", "--train_batch_size", "8",
-              "--per_device_train_batch_size", "4", "--max_train_steps", "8", "--save_every_steps", "2",
-              "--eval_every_steps", "0", "--report_to", "none", "--optim", "adamw_torch"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     # The worker pauses in the save of step 6 once the DCP shards are written, before the other files.
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "dcp_worker.py"), "pause", *recipe], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "dcp_worker.py"), "pause",
+                                *tiny_recipe(data, run)], env=WORKER_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (run / "paused").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
@@ -314,6 +323,9 @@ class Payload:
 def test_loading_never_unpickles_arbitrary_objects(data):
     pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
     folder = data / "run" / "step2"
+    # Whoever can plant a file can rewrite the manifest too (a checksum is no signature): without one, the checkpoint
+    # resumes unverified, and the loaders themselves must refuse the pickles.
+    (folder / "manifest.json").unlink()
     rng, metadata = (folder / "rng_state_0.pt").read_bytes(), (folder / ".metadata").read_bytes()
     (folder / "rng_state_0.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
@@ -337,7 +349,11 @@ def test_a_checkpoint_holds_everything_and_main_loads_with_from_pretrained(data)
     folder = data / "run" / "step2"
     assert {p.name for p in folder.iterdir()} == {
         ".metadata", "__0_0.distcp", "non_tensor_state.json", "rng_state_0.pt", "loader_state_0.json",
-        "trainer_state.json", "config.json", "generation_config.json"}
+        "trainer_state.json", "config.json", "generation_config.json", "manifest.json"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checksum"] == "xxh3_64"
+    assert manifest["files"].keys() == {p.name for p in folder.iterdir()} - {"manifest.json", "trainer_state.json"}
+    assert manifest["files"]["__0_0.distcp"]["bytes"] == (folder / "__0_0.distcp").stat().st_size
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["tokens"] == 2 * 8 * 16 and state["world_size"] == 1
     assert state["args"]["hub_token"] == "<redacted>" and state["provenance"]["versions"]["torch"]
@@ -456,3 +472,182 @@ def test_an_output_dir_that_one_node_cannot_see_is_refused_on_every_rank(tmp_pat
                                   f"read"), message
         assert "must be on a filesystem that all nodes mount at the same path" in message
     assert not list((tmp_path / "node0").iterdir())  # the token is cleaned up
+
+
+# Checkpoints you can trust: verified on resume, and a failed save that says what to do.
+
+
+@pytest.fixture
+def steps_2_and_4(data):
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=4))
+    return data / "run"
+
+
+def test_latest_skips_a_truncated_shard_naming_it_and_resumes_the_one_before(data, steps_2_and_4, caplog):
+    run = steps_2_and_4
+    shard = run / "step4" / "__0_0.distcp"
+    size = shard.stat().st_size
+    os.truncate(shard, size // 2)
+    with caplog.at_level("WARNING"):
+        assert checkpoint.resolve("latest", run) == run / "step2"
+    assert f"Skipping {run / 'step4'}, which stays in place: __0_0.distcp is {size // 2} bytes instead of {size}" \
+        in caplog.text
+    assert shard.stat().st_size == size // 2
+    # Named explicitly, it is refused with the file, not torch's "PytorchStreamReader failed reading zip archive".
+    with pytest.raises(checkpoint.CheckpointError, match=rf"step4 is not a complete timl checkpoint: __0_0\.distcp is "
+                                                         rf"{size // 2} bytes instead of {size}"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, max_train_steps=6, resume_from_checkpoint=str(run / "step4")))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, max_train_steps=6, resume_from_checkpoint="latest"))
+    assert f"Resumed from {run / 'step2'} at step 2" in caplog.text
+    assert [p.name for p in checkpoint.step_folders(run)] == ["step2", "step4", "step6"]
+
+
+def test_a_flipped_byte_fails_the_checksum(steps_2_and_4, caplog):
+    run = steps_2_and_4
+    shard = run / "step4" / "__0_0.distcp"
+    contents = bytearray(shard.read_bytes())
+    contents[len(contents) // 2] ^= 0x01
+    shard.write_bytes(contents)
+    with caplog.at_level("WARNING"):
+        assert checkpoint.resolve("latest", run) == run / "step2"
+    assert "__0_0.distcp fails its checksum: xxh3_64 " in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match=r"step4 is not a complete timl checkpoint: __0_0\.distcp "
+                                                         r"fails its checksum: xxh3_64 [0-9a-f]{16}, not [0-9a-f]{16}"):
+        checkpoint.resolve(str(run / "step4"), run)
+
+
+def test_when_no_checkpoint_verifies_resuming_is_refused_with_each_ones_problem(data, steps_2_and_4):
+    run = steps_2_and_4
+    (run / "step2" / "rng_state_0.pt").unlink()
+    (run / "step4" / "trainer_state.json").write_text("{")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.resolve("latest", run)
+    assert str(refused.value).startswith(
+        f"No checkpoint in {run} verifies, so the run cannot resume:\n  {run / 'step4'}: trainer_state.json is not a "
+        f"trainer state (")
+    assert f"\n  {run / 'step2'}: rng_state_0.pt is missing\n" in str(refused.value)
+    assert checkpoint.resolve("latest", data / "nothing_yet") is None
+
+
+def test_a_checkpoint_saved_before_manifests_resumes_with_a_warning(data, steps_2_and_4, caplog):
+    run = steps_2_and_4
+    for folder in checkpoint.step_folders(run):
+        (folder / "manifest.json").unlink(missing_ok=True)
+    with caplog.at_level("INFO"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                 tiny_args(data, max_train_steps=6, resume_from_checkpoint="latest"))
+    assert (f"{run / 'step4'} has no manifest.json (timl saved it before it wrote manifests): its files cannot be "
+            f"verified") in caplog.text
+    assert f"Resumed from {run / 'step4'} at step 4" in caplog.text
+
+
+@contextmanager
+def small_filesystem(directory: Path, size: str):
+    """A tmpfs of `size` mounted at `directory` (made here): a disk that really fills up."""
+    directory.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a tmpfs needs root, and this test runs as uid {os.geteuid()}")
+    if shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs the mount command, which is not on PATH")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed (exit {mounted.returncode}): {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_stops_the_run_with_what_failed_and_how_to_continue(data, caplog):
+    with small_filesystem(data / "small", "2m") as run:
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, output_dir=str(run), max_train_steps=2))
+        step2 = sum(path.stat().st_size for path in (run / "step2").iterdir())
+        # Room for half a checkpoint more: step 4's shard cannot fit.
+        with open(run / "filler", "wb") as filler:
+            filler.write(b"\0" * (shutil.disk_usage(run).free - step2 // 2))
+        # Built, not loaded: from_pretrained would map main/'s weights from the tmpfs and keep it busy.
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run / "main"))
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        assert checkpoint.checkpoint_bytes_estimate(model, data / "no_checkpoint_yet") == parameters * 4 * 3
+        estimate = checkpoint.checkpoint_bytes_estimate(model, run)
+        assert estimate == step2
+        with caplog.at_level("WARNING"):
+            assert not checkpoint.check_free_space(run, estimate)
+        assert f"{run} has " in caplog.text and "less than two checkpoints of about" in caplog.text
+        with pytest.raises(checkpoint.CheckpointSaveError) as failed:
+            pretrain(ModelArguments(config_overrides=TINY_GPT2),
+                     tiny_args(data, output_dir=str(run), max_train_steps=4, resume_from_checkpoint="latest"))
+        message = str(failed.value)
+        assert message.startswith(f"Could not save the checkpoint {run / 'step4'}:\n  rank 0 could not write "
+                                  f"{run / '.step4.tmp' / '__0_0.distcp'}: [Errno 28] No space left on device\n"
+                                  f"{run} has "), message
+        assert " free. The unfinished checkpoint is removed and the earlier ones are intact. The last complete " \
+               f"checkpoint is {run / 'step2'}: once there is room (or the cause is fixed), continue from it with " \
+               "--resume_from_checkpoint latest." in message
+        assert not list(run.glob(".step*")) and not list(run.glob(".main*"))
+        assert [p.name for p in checkpoint.step_folders(run)] == ["step2"]
+        assert checkpoint.verify(run / "step2") == []
+
+
+def test_a_failed_export_of_main_leaves_no_half_folder_and_names_the_file(data, monkeypatch):
+    def full_disk(checkpoint_dir, out_dir):
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(28, os.strerror(28), str(Path(out_dir) / "model.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "export_hf_model", full_disk)
+    run = data / "run"
+    with pytest.raises(checkpoint.CheckpointSaveError, match=rf"rank 0 could not write {run / '.main.tmp'}/model\."
+                                                             rf"safetensors: \[Errno 28\] No space left on device"):
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data, max_train_steps=2))
+    assert not list(run.glob(".main*")) and not (run / "main").exists()
+    assert checkpoint.verify(run / "step2") == []  # published before the export, and whole
+
+
+def run_worker(*args: str, processes: int = 2) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    result = subprocess.run([*launcher, str(ROOT / "tests" / "dcp_worker.py"), *args], env=WORKER_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_save_that_fails_on_rank_1_alone_stops_both_ranks_with_the_same_error(data, tmp_path):
+    """Rank 1 can write no more bytes from step 3 on (a real EFBIG from the kernel): the save of step 4 fails there,
+    and rank 0, whose writes all succeed, raises the same error rather than waiting for rank 1 forever."""
+    run, results = data / "run", tmp_path / "results"
+    results.mkdir()
+    run_worker("stop_writing_on_rank_1", str(results), *tiny_recipe(data, run, max_train_steps=4))
+    messages = [(results / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith(f"CheckpointSaveError: Could not save the checkpoint {run / 'step4'}:\n  rank 1 "
+                                  f"could not write {run / '.step4.tmp' / '__1_0.distcp'}: [Errno 27] File too "
+                                  f"large\n{run} has "), messages[0]
+    assert f"The last complete checkpoint is {run / 'step2'}" in messages[0]
+    assert not list(run.glob(".step*"))
+    assert [p.name for p in checkpoint.step_folders(run)] == ["step2"] and checkpoint.verify(run / "step2") == []
+
+
+def test_two_ranks_verify_half_the_files_each_and_agree(data, tmp_path):
+    run, results = data / "run", tmp_path / "results"
+    results.mkdir()
+    finish(launch(tiny_recipe(data, run, max_train_steps=4), processes=2))
+    step4 = run / "step4"
+    files = json.loads((step4 / "manifest.json").read_text())["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_state_0.pt", "rng_state_1.pt", "loader_state_0.json",
+            "loader_state_1.json", ".metadata", "non_tensor_state.json", "config.json"} <= files.keys()
+    shard = bytearray((step4 / "__1_0.distcp").read_bytes())
+    shard[-100] ^= 0x01
+    (step4 / "__1_0.distcp").write_bytes(shard)
+    run_worker("resolve_latest", str(run), str(results))
+    ranks = [json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["resolved"] for rank in ranks] == [str(run / "step2")] * 2
+    # Each file of step4 was read once, by one rank or the other, and both ranks read some.
+    hashed = [{Path(path).name for path in rank["hashed"] if Path(path).parent == step4} for rank in ranks]
+    assert hashed[0] and hashed[1] and not hashed[0] & hashed[1] and hashed[0] | hashed[1] == files.keys()
+    [warning] = ranks[0]["warnings"]
+    assert warning.startswith(f"Skipping {step4}, which stays in place: __1_0.distcp fails its checksum")
+    assert ranks[1]["warnings"] == []

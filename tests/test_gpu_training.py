@@ -93,6 +93,26 @@ def relative_gap(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in b)
 
 
+def test_fsdp_reduces_gradients_in_fp32_and_logs_the_loss_of_ddp_not_rounded_to_bf16(shards, tmp_path):
+    """FSDP2 computes in bf16 but reduces gradients and returns the loss in fp32 (the policy read back from the
+    sharded model), so its logged loss follows DDP's within bf16 compute noise and is not rounded to bf16."""
+    fsdp_log = finish(launch(argv(shards, tmp_path / "fsdp", "llama"), fsdp=True))
+    finish(launch(argv(shards, tmp_path / "ddp", "llama"), fsdp=False))
+    finish(launch(argv(shards, tmp_path / "ddp_again", "llama", "--seed", "1"), fsdp=False))
+    assert ("FSDP2 mixed precision: parameters torch.bfloat16, gradient reduction torch.float32, output "
+            "torch.float32") in fsdp_log
+    fsdp, ddp, other_seed = (losses(tmp_path / name) for name in ("fsdp", "ddp", "ddp_again"))
+    on_bf16_grid = [step for step, loss in fsdp.items() if torch.tensor(loss).bfloat16().item() == loss]
+    gap, seed_gap = relative_gap(fsdp, ddp), relative_gap(other_seed, ddp)
+    report = {"test": "fsdp_mixed_precision", "fsdp_vs_ddp": gap, "another_seed_vs_ddp": seed_gap,
+              "losses_on_the_bf16_grid": len(on_bf16_grid), "steps": len(fsdp)}
+    if os.environ.get("TIML_GPU_REPORT"):
+        with open(os.environ["TIML_GPU_REPORT"], "a") as file:
+            file.write(json.dumps(report) + "\n")
+    assert len(on_bf16_grid) <= 1, report  # an fp32 loss lands on the bf16 grid by chance about 1 time in 65536
+    assert gap < 0.2 * seed_gap, report  # far closer to DDP than another seed is
+
+
 @pytest.mark.parametrize(("model", "fsdp", "extra"), [
     ("gpt2", False, ["--torch_compile", "true", "--loss_implementation", "chunked"]),
     ("llama", False, ["--torch_compile", "true", "--use_liger_kernel", "true"]),

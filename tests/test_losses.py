@@ -57,7 +57,7 @@ def test_two_ranks_with_uneven_label_counts_log_the_token_mean_of_the_step(tmp_p
                              str(ROOT / "tests" / "uneven_batches.py"), str(tmp_path), path], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected, _ = independent_losses(train_args(tmp_path))
+    expected, _ = independent_losses(train_args(tmp_path / "reference"))  # tmp_path now holds the run
     assert first_step(tmp_path)["train_loss"] == pytest.approx(expected, rel=1e-6)
 
 

@@ -1,4 +1,5 @@
-"""Training-time model options: activation checkpointing, regional compilation, FP8's refusal without FP8 hardware."""
+"""Training-time model options: activation checkpointing, regional compilation, FP8's refusal without FP8 hardware;
+and configs built with --config_overrides that transformers will save."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoConfig, LlamaConfig
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.arguments import TrainingArguments
-from timl.modeling import build_config, build_model
+from timl.modeling import build_config, build_model, check_config_saves
 from timl.trainer import Trainer
 
 
@@ -140,3 +142,63 @@ def test_compile_recompute_pointwise_makes_the_compiled_step_keep_less_for_its_b
 def test_compile_recompute_pointwise_needs_torch_compile():
     with pytest.raises(ValueError, match="--compile_recompute_pointwise needs --torch_compile"):
         TrainingArguments(output_dir="unused", compile_recompute_pointwise=True)
+
+
+# The README's own example, word for word.
+README_GEMMA2 = ("hidden_size=512,intermediate_size=2048,num_hidden_layers=8,num_attention_heads=8,"
+                 "num_key_value_heads=4,head_dim=64,vocab_size=50257")
+
+
+@pytest.mark.parametrize("model_name,overrides,layers", [("qwen3", "num_hidden_layers=2", 2),
+                                                         ("qwen2", "num_hidden_layers=2", 2),
+                                                         ("gemma2", README_GEMMA2, 8)])
+def test_overridden_layer_counts_give_configs_that_save(model_name, overrides, layers, tmp_path):
+    """layer_types follows num_hidden_layers; it used to keep the default config's 32 (or 26) entries, which
+    transformers refused when the first checkpoint saved the config."""
+    build_config(model_name, overrides).save_pretrained(tmp_path)
+    saved = AutoConfig.from_pretrained(tmp_path)
+    assert saved.num_hidden_layers == len(saved.layer_types) == layers
+
+
+def test_overrides_are_constructor_arguments_so_derived_sizes_follow_them():
+    config = build_config("llama", "hidden_size=64,num_attention_heads=4")
+    assert config.head_dim == 16  # hidden_size / num_attention_heads, not the default config's 128
+    assert build_config("llama", "hidden_size=64,num_attention_heads=4,head_dim=32").head_dim == 32
+    assert build_config("llama-3.2-1b", "num_hidden_layers=2").rope_parameters["rope_theta"] == 500000.0
+
+
+def test_a_saved_configs_layer_pattern_is_kept_until_its_layer_count_changes(tmp_path):
+    pattern = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    AutoConfig.for_model("qwen3", num_hidden_layers=4, use_sliding_window=True, sliding_window=16,
+                         max_window_layers=1, layer_types=pattern).save_pretrained(tmp_path)
+    assert build_config(str(tmp_path), "hidden_size=256").layer_types == pattern  # set by hand: kept
+    # Three layers: derived as transformers derives them (sliding from max_window_layers on).
+    assert build_config(str(tmp_path), "num_hidden_layers=3").layer_types == [
+        "full_attention", "sliding_attention", "sliding_attention"]
+
+
+def test_a_config_transformers_refuses_is_refused_at_build_naming_the_flag(monkeypatch):
+    with pytest.raises(ValueError, match=r"--config_overrides 'hidden_size=30,num_attention_heads=4': (?s:.*)"
+                                         r"The hidden size \(30\) is not a multiple of the number of attention heads"):
+        build_config("llama", "hidden_size=30,num_attention_heads=4")
+    with pytest.raises(ValueError, match="--config_overrides 'nonsense=3': key nonsense isn't in the original"):
+        build_config("llama", "nonsense=3")
+
+    def unwritable(self, path, use_diff=True):
+        raise TypeError("Object of type Tensor is not JSON serializable")
+
+    monkeypatch.setattr(LlamaConfig, "to_json_file", unwritable)
+    with pytest.raises(ValueError, match="--model_name 'llama': transformers would refuse to save this llama config, "
+                                         "at the run's first checkpoint: Object of type Tensor is not JSON"):
+        build_config("llama")
+
+
+def test_check_config_saves_refuses_a_model_whose_config_would_fail_the_first_checkpoint():
+    model = build_model(build_config("qwen3", "vocab_size=64,hidden_size=32,intermediate_size=64,num_hidden_layers=2,"
+                                              "num_attention_heads=4,num_key_value_heads=2,head_dim=8"))
+    check_config_saves(model)
+    check_config_saves(torch.nn.Linear(2, 2))  # no config: nothing to save
+    model.config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match=r"The qwen3 model's config would fail at the first checkpoint save: (?s:.*)"
+                                         r"`num_hidden_layers` \(3\) must be equal to the number of `layer_types`"):
+        check_config_saves(model)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from transformers.pytorch_utils import Conv1D
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
+from test_architectures import ARCHITECTURES, tiny_model
 from timl.arguments import TrainingArguments, parse_args
 from timl.checkpoint import load_weights
 from timl.losses import linear_cross_entropy
@@ -80,13 +82,95 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(data):
     kinds = parameter_kinds(model)
     for name, parameter in model.named_parameters():
         assert (id(parameter) in muon_ids) == (kinds[name] == "matrix"), name
-    assert kinds["transformer.wte.weight"] == "embedding" and kinds["transformer.h.0.ln_1.weight"] == "vector"
+    assert kinds["transformer.wte.weight"] == "embedding" and kinds["transformer.h.0.ln_1.weight"] == "bias_or_norm"
     assert kinds["transformer.h.0.attn.c_attn.weight"] == "matrix"
     adamw_groups = optimizers["adamw"].param_groups
     no_decay = {id(p) for group in adamw_groups if group["weight_decay"] == 0 for p in group["params"]}
     assert id(model.transformer.h[0].ln_1.weight) in no_decay and id(model.transformer.wte.weight) not in no_decay
     check_groups(model, list(optimizers.values()))
 
+
+@pytest.fixture(scope="module")
+def hf_trainer(tmp_path_factory) -> transformers.Trainer:
+    """A Hugging Face Trainer, for its get_decay_parameter_names: the parameters timl must decay."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path_factory.mktemp("hf")), report_to="none",
+                                          use_cpu=True)
+    return transformers.Trainer(model=tiny_model("gpt2"), args=args)
+
+
+def decayed_by_hf(hf_trainer: transformers.Trainer, model: torch.nn.Module) -> set[int]:
+    """The parameters the Hugging Face Trainer decays. A tied weight has a name for each place it sits in."""
+    names = set(hf_trainer.get_decay_parameter_names(model))
+    every_name = list(model.named_parameters(remove_duplicate=False))
+    decayed = {id(p) for n, p in every_name if n in names}
+    assert not decayed & {id(p) for n, p in every_name if n not in names}, "a tied weight's names disagree"
+    return decayed
+
+
+def embeddings_of(model: torch.nn.Module) -> set[int]:
+    """Every torch.nn.Embedding's weight (GPT-2's positions too) and the output head's, tied or not."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {
+        id(model.get_output_embeddings().weight)}
+
+
+def optimized_by(optimizer: torch.optim.Optimizer, decayed_only: bool = False) -> set[int]:
+    return {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 or not decayed_only
+            for p in group["params"]}
+
+
+def named(model: torch.nn.Module, ids: set[int]) -> set[str]:
+    """The names of these parameters, so that a failure shows which ones differ."""
+    return {name for name, parameter in model.named_parameters() if id(parameter) in ids}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_adamw_decays_what_the_hf_trainer_decays_in_every_architecture(model_type, data, hf_trainer):
+    model = tiny_model(model_type)
+    expected = decayed_by_hf(hf_trainer, model)
+    for decay_embeddings in (True, False):
+        ((_, adamw),) = create_optimizers(model, tiny_args(data, decay_embeddings=decay_embeddings))
+        spared = set() if decay_embeddings else embeddings_of(model)
+        assert named(model, optimized_by(adamw, decayed_only=True)) == named(model, expected - spared)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_muon_takes_exactly_the_2d_hidden_matrices_in_every_architecture(model_type, data, hf_trainer):
+    model = tiny_model(model_type)
+    optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon")))
+    decayed = decayed_by_hf(hf_trainer, model)
+    hidden_matrices = ({id(p) for p in model.parameters() if p.ndim == 2} & decayed) - embeddings_of(model)
+    assert named(model, optimized_by(optimizers["muon"])) == named(model, hidden_matrices)
+    # The rest, 3-D experts included, goes to AdamW, decayed as the Hugging Face Trainer would.
+    assert named(model, optimized_by(optimizers["adamw"], decayed_only=True)) == named(model, decayed - hidden_matrices)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_stacked_expert_weights_are_decayed_by_adamw_and_never_muons(model_type, data):
+    model = tiny_model(model_type)
+    experts = {id(p) for n, p in model.named_parameters() if ".experts." in n and p.ndim == 3}
+    assert len(experts) == 4  # gate_up_proj and down_proj [experts, ..., ...] in each of 2 layers
+    ((_, adamw),) = create_optimizers(model, tiny_args(data))
+    assert experts <= optimized_by(adamw, decayed_only=True)
+    optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon")))
+    assert experts <= optimized_by(optimizers["adamw"], decayed_only=True)
+    assert not experts & optimized_by(optimizers["muon"])
+
+
+def test_an_untied_output_head_is_an_embedding_for_adamw_not_muon(data):
+    model = tiny_model("llama")
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight
+    for decay_embeddings in (True, False):
+        optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon", decay_embeddings=decay_embeddings)))
+        assert id(model.lm_head.weight) not in optimized_by(optimizers["muon"])
+        assert id(model.lm_head.weight) in optimized_by(optimizers["adamw"])
+        assert (id(model.lm_head.weight) in optimized_by(optimizers["adamw"], decayed_only=True)) == decay_embeddings
+
+
+def test_a_custom_model_is_decayed_as_the_hf_trainer_would(data, hf_trainer):
+    recipe = load_recipe("custom_gpt")
+    model = recipe.GPT(recipe.GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, max_positions=16))
+    ((_, adamw),) = create_optimizers(model, tiny_args(data))
+    assert named(model, optimized_by(adamw, decayed_only=True)) == named(model, decayed_by_hf(hf_trainer, model))
 
 
 TINY_LLAMA = ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"

@@ -16,15 +16,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import SchedulerType
 
+import nonfinite_worker
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
+from timl import checkpoint
 from timl.arguments import METRIC_SCHEDULERS, TrainingArguments, parse_args
 from timl.metrics import Accuracy, Perplexity
+from timl.optim import OptimizerSet
 from timl.recipe import ModelArguments, pretrain
+from timl.run_folder import LOCK_FILE
 from timl.shards import write_shard
-from timl.window import StopVotes
+from timl.trainer import NonFiniteLossError
+from timl.window import StepSignals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,8 +285,9 @@ def test_resuming_a_finished_run_writes_nothing_and_says_so(data, capsys):
     run = data_dir / "run"
     values = dict(max_train_steps=4, eval_every_steps=2, save_every_steps=2, log_every_steps=1)
     latest = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, **values))
+    # The run lock is taken and released again (a run checks that no other one is live there): all else stays.
     files = lambda: {path: (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None)
-                     for path in run.rglob("*")}
+                     for path in run.rglob("*") if path.name != LOCK_FILE}
     written = files()
     capsys.readouterr()
     again = pretrain(ModelArguments(config_overrides=TINY_GPT2),
@@ -418,8 +425,118 @@ def test_grad_norm_is_logged_when_clipping_is_off(data):
     assert norms[0.0] == pytest.approx(norms[1e9], rel=1e-6)
 
 
-def test_stop_votes_are_read_one_step_late_on_every_process():
-    """Reading a step's own vote would wait for the device every step; all processes read the same count a step
-    later, so they still stop together."""
-    votes = StopVotes(torch.device("cpu"))
-    assert [votes.swap(torch.tensor(float(v))) for v in (0, 0, 2, 0, 1)] == [False, False, False, True, False]
+def test_step_signals_are_read_one_step_late_or_at_once_before_a_save():
+    """Reading a step's own signals would wait for the device every step; all processes read the same values a
+    step later, so they still act together. A drain (before a save) reads the last step's at once, and only once."""
+    signals = StepSignals(torch.device("cpu"))
+    pushed = [signals.push(step, torch.tensor([float(step), 0.0])) for step in (1, 2, 3)]
+    assert pushed == [None, (1, [1.0, 0.0]), (2, [2.0, 0.0])]
+    assert signals.drain() == (3, [3.0, 0.0])
+    assert signals.drain() is None and signals.push(4, torch.tensor([4.0, 1.0])) is None
+
+
+def strict_json_records(output_dir: Path) -> list[dict]:
+    """metrics.jsonl read as strict JSON: a bare NaN or Infinity (which Python's json would accept) fails."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_loss_that_turns_nan_stops_the_run_within_a_step_and_saves_nothing_after_it(data):
+    """The learning rate of 1e9 without clipping: the loss is NaN from the second step."""
+    data_dir, _ = data
+    output_dir = data_dir / "run"
+    args = tiny_args(data_dir, learning_rate=1e9, max_grad_norm=0.0, max_train_steps=30, log_every_steps=1,
+                     eval_every_steps=0, save_every_steps=1, save_total_limit=2)
+    with pytest.raises(NonFiniteLossError) as error:
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args)
+    records = strict_json_records(output_dir)
+    bad = next(r["step"] for r in records if r["train_loss"] is None)
+    assert bad >= 2 and records[-1]["step"] <= bad + 1  # stopped within a step of the bad one
+    assert records[bad - 1]["grad_norm"] is None
+    message = str(error.value)
+    assert message.startswith(f"Step {bad}: the loss is nan")
+    assert f"the last checkpoint is {output_dir}/step{bad - 1}" in message
+    for advice in ("--learning_rate (now 1e+09)", "--max_grad_norm 1.0 (now 0)", "--z_loss_coefficient",
+                   "--skip_nonfinite_steps"):
+        assert advice in message
+    # Nothing was saved after the bad step, the last good checkpoints were kept, and they are finite.
+    assert sorted(p.name for p in output_dir.glob("step*")) == sorted({f"step{bad - 1}", f"step{max(bad - 2, 1)}"})
+    assert not (output_dir / "main").exists()
+    exported = checkpoint.export_hf_model(output_dir / f"step{bad - 1}", data_dir / "exported")
+    assert all(torch.isfinite(t).all() for t in load_file(exported / "model.safetensors").values())
+
+
+def test_skipped_nonfinite_steps_change_no_weight_and_the_run_goes_on(data):
+    data_dir, _ = data
+    output_dir, clean_dir = data_dir / "run", data_dir / "clean"
+    nonfinite_worker.train(data_dir, output_dir, bad_rank=0, bad_step=3, skip=1)
+    nonfinite_worker.train(data_dir, clean_dir, bad_rank=0, bad_step=99, skip=0)
+    records, clean = strict_json_records(output_dir), strict_json_records(clean_dir)
+    assert records[2]["step"] == 3 and records[2]["train_loss"] is None
+    assert records[-1]["skipped_steps"] == 1 and "skipped_steps" not in clean[-1]
+    assert [r["lr"] for r in records] == [r["lr"] for r in clean]  # the schedule goes on: the step is spent
+    assert checkpoint.read_trainer_state(output_dir / "step5")["run_state"]["skipped_steps"] == [3]
+
+    def weights(step: int) -> dict[str, torch.Tensor]:
+        exported = checkpoint.export_hf_model(output_dir / f"step{step}", data_dir / f"exported{step}")
+        return load_file(exported / "model.safetensors")
+
+    before, after, next_step = weights(2), weights(3), weights(4)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # step 3 changed nothing
+    assert not all(torch.equal(after[name], next_step[name]) for name in after)  # step 4 trained
+    assert (output_dir / "main" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw-flag-on-device", "adamw-flag-read-on-host"])
+def test_a_skipped_optimizer_step_leaves_weights_and_state_as_they_were(fused):
+    """Fused AdamW takes the skip flag on the device (no wait for the GPU); another optimizer reads it first."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    optimizers = OptimizerSet([optimizer], [scheduler], ["adamw"])
+
+    def step(skip: bool) -> None:
+        model(torch.ones(2, 4)).sum().backward()
+        optimizers.step(skip=torch.tensor(skip))
+
+    step(False)
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {key: value.clone() for key, value in optimizer.state[model.weight].items()}
+    step(True)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(state[key], optimizer.state[model.weight][key]) for key in state)  # step count too
+    assert scheduler.last_epoch == 2 and model.weight.grad is None
+    step(False)
+    assert not torch.equal(weights[0], model.weight)
+
+
+def test_with_two_processes_a_nan_on_one_rank_stops_both_at_the_same_step(data):
+    data_dir, _ = data
+    output_dir = data_dir / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "nonfinite_worker.py"), str(data_dir), str(output_dir), "1", "3", "0"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+                               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    assert done.returncode != 0
+    assert done.stderr.count("timl: Step 3: the loss is nan") == 1, done.stderr[-3000:]  # printed once, no traceback
+    assert f"the last checkpoint is {output_dir}/step2" in done.stderr
+    assert sorted(p.name for p in output_dir.glob("step*")) == ["step1", "step2"]
+    assert strict_json_records(output_dir)[2]["train_loss"] is None
+
+
+def test_under_fsdp2_gradients_reduce_and_the_loss_comes_out_in_fp32(monkeypatch):
+    """Accelerate's own bf16 policy reduces gradients and returns the loss in bf16; timl's plugin keeps bf16 for
+    compute alone, as torchtitan does. (The policy the sharded model really runs is checked on the GPU.)"""
+    from timl.trainer import fsdp_plugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    policy = fsdp_plugin(bf16=True).mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
+                                                                              torch.float32)
+    assert fsdp_plugin(bf16=False) is None  # fp32 throughout: nothing to choose
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert fsdp_plugin(bf16=True) is None

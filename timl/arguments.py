@@ -9,14 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
+import types
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
 
+from timl.run_folder import another_run_problems
 from timl.sources import is_mixture, source_problems
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "muon")
@@ -35,7 +40,11 @@ def _arg(default: Any, help: str) -> Any:
 class TrainingArguments:
     """Everything a pre-training run needs, besides the model and the data."""
 
-    output_dir: str = _arg("runs/timl", "Where checkpoints (step{N}/, main/) and metrics.jsonl go.")
+    output_dir: str = _arg("runs/timl", "Where checkpoints (step{N}/, main/) and metrics.jsonl go. One run per "
+                                        "folder: a fresh run into a folder that holds another run's checkpoints or "
+                                        "metrics is refused (see --resume_from_checkpoint, --overwrite_output_dir).")
+    overwrite_output_dir: bool = _arg(False, "Start a fresh run in an --output_dir that holds another run: its "
+                                             "checkpoints, main/ and metrics are deleted first.")
 
     train_file_pattern: str | None = _arg(None, "Glob of training token shards, e.g. 'data/gpt2_c4/train_*.bin', or "
                                                 "a weighted mixture of named ones: 'web=data/web/*.bin:0.7,"
@@ -66,6 +75,9 @@ class TrainingArguments:
     adam_beta1: float = _arg(0.9, "AdamW beta1.")
     adam_beta2: float = _arg(0.95, "AdamW beta2.")
     adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
+    skip_nonfinite_steps: int = _arg(0, "Skip up to this many steps whose loss or gradient norm is not finite "
+                                        "(NaN or inf), each logged, and train on; the next one stops the run. 0 "
+                                        "stops at the first. A skipped step never changes the weights.")
     max_grad_norm: float = _arg(1.0, "Clip the global gradient norm to this; 0 turns clipping off (the norm is still "
                                      "logged).")
     optim: str = _arg("adamw_torch_fused", f"Optimizer: one of {', '.join(SUPPORTED_OPTIMIZERS)}. muon: Muon for the "
@@ -199,7 +211,8 @@ class TrainingArguments:
         for name in ("max_train_tokens", "max_train_steps", "max_eval_tokens", "max_eval_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("log_every_steps", "save_every_steps", "eval_every_steps", "warmup_steps"):
+        for name in ("log_every_steps", "save_every_steps", "eval_every_steps", "warmup_steps",
+                     "skip_nonfinite_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must be 0 or more, got {getattr(self, name)}")
         for first, second in (("max_train_steps", "max_train_tokens"), ("max_eval_steps", "max_eval_tokens")):
@@ -280,6 +293,8 @@ class TrainingArguments:
                             "--max_train_steps or --max_train_tokens")
         if not self.num_train_epochs > 0:
             problems.append(f"--num_train_epochs must be positive, got {self.num_train_epochs}")
+        if not self.resume_from_checkpoint and not self.overwrite_output_dir:
+            problems += another_run_problems(self.output_dir)
         return problems
 
     @property
@@ -319,12 +334,91 @@ class TrainingArguments:
 
 
 
+# timl/sources.py also reads these as a list of {name, pattern, weight} mappings, which only a file can hold.
+SOURCE_LIST_FIELDS = ("train_file_pattern", "eval_file_pattern")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where a float needs a dot: 1e-5 is a string, even inside a mapping such as
+    lr_scheduler_kwargs, whose values no field type converts. This loader reads them as YAML 1.2 and JSON do."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+.0123456789"))
+
+
 def parse_args(*dataclass_types: type, argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Parses the command line into the given dataclasses; a single .yaml, .yml or .json argument is read as a file."""
+    """Parses the command line into the given dataclasses; a single .yaml, .yml or .json argument is read as a file,
+    whose values are converted to each field's type as the command line's are (`file_arguments`)."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        return parser.parse_dict(file_arguments(argv[0], parser))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def file_arguments(path: str, parser: HfArgumentParser) -> dict[str, Any]:
+    """A YAML or JSON arguments file's values, each converted by the command line's own converter for its field.
+
+    The dataclasses take values as they come, and YAML and JSON type them by their own rules: YAML 1.1 reads 1e-3
+    (no dot) as a string, which would reach the optimizer as one. Every value that does not convert, and every
+    unknown name, is reported in one error that names the file, before any model is built.
+    """
+    with open(path, encoding="utf-8") as file:
+        values = json.load(file) if path.endswith(".json") else yaml.load(file, Loader=_YamlLoader)
+    values = {} if values is None else values  # an empty YAML file: every default
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must map argument names to values, not hold a {type(values).__name__}")
+    hints = {}
+    for dtype in parser.dataclass_types:
+        # Not each field's .type: HfArgumentParser narrows those in place (dict | str | None to str).
+        dtype_hints = get_type_hints(dtype)
+        hints.update({f.name: dtype_hints[f.name] for f in dataclasses.fields(dtype) if f.init})
+    # argparse keeps its actions in _actions; each holds the converter and choices HfArgumentParser gave its field.
+    actions = {action.dest: action for action in parser._actions if f"--{action.dest}" in action.option_strings}
+    unknown = [name for name in values if name not in hints]
+    problems = [f"unknown arguments: {', '.join(unknown)}"] if unknown else []
+    converted = {}
+    for name, value in values.items():
+        if name in unknown:
+            continue
+        try:
+            converted[name] = _file_value(name, value, hints[name], actions[name])
+        except (ValueError, TypeError, ArgumentTypeError):
+            problems.append(f"{name}: expected {_expected(hints[name], actions[name])}, got {value!r}")
+    if problems:
+        raise ValueError(f"Invalid arguments in {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return converted
+
+
+def _file_value(name: str, value: Any, hint: Any, action: Any) -> Any:
+    """One value of an arguments file, as the command line would give it. Null, and the mappings and lists that
+    only a file can hold, are kept where the field takes them."""
+    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    if isinstance(value, dict) and any((get_origin(option) or option) is dict for option in options):
+        return value
+    if isinstance(value, list) and name in SOURCE_LIST_FIELDS:
+        return value
+    if isinstance(value, list) and action.nargs == "+":  # a list field, whose items the command line takes apart
+        return [_converted(name, item, action) for item in value]
+    return _converted(name, value, action)
+
+
+def _converted(name: str, value: Any, action: Any) -> Any:
+    """A single value through the field's command-line converter, as its text, then checked against its choices."""
+    if value is None or isinstance(value, (dict, list)):
+        raise TypeError(f"{name} takes no {type(value).__name__}")
+    # A YAML or JSON true is the command line's text "true" (str gives "True").
+    converted = action.type(str(value).lower() if isinstance(value, bool) else str(value))
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{converted!r} is not a choice of {name}")
+    return converted
+
+
+def _expected(hint: Any, action: Any) -> str:
+    """What a field takes, in words for an error: its choices, or its type as declared."""
+    if action.choices:
+        return f"one of {', '.join(map(str, action.choices))}"
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

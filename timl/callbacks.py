@@ -47,6 +47,7 @@ class TrainerState:
     seconds_before_session: float = 0.0
     session_started: float = field(default_factory=time.perf_counter)
     stopped_by: str | None = None  # what stopped the run early: a signal's name, or a callback's class name
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose loss or grad norm was not finite
 
     @property
     def tokens(self) -> int:
@@ -74,13 +75,14 @@ class TrainerState:
     def state_dict(self) -> dict[str, Any]:
         return {"latest": self.latest, "best_eval_loss": self.best_eval_loss, "best_eval_step": self.best_eval_step,
                 "timed_tokens": self.timed_tokens, "timed_seconds": self.timed_seconds,
-                "elapsed_seconds": self.elapsed_seconds}
+                "elapsed_seconds": self.elapsed_seconds, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.latest = dict(saved.get("latest", {}))
         self.best_eval_loss, self.best_eval_step = saved.get("best_eval_loss"), saved.get("best_eval_step")
         self.timed_tokens, self.timed_seconds = saved.get("timed_tokens", 0), saved.get("timed_seconds", 0.0)
         self.seconds_before_session = saved.get("elapsed_seconds", 0.0)
+        self.skipped_steps = list(saved.get("skipped_steps", []))
 
 
 @dataclass

@@ -8,6 +8,7 @@
   loader_state_{rank}.json         every rank's data-loader position
   config.json, tokenizer files     the model's config (and generation_config.json) and the run's tokenizer, if
                                    any: what export_hf_model copies beside the weights
+  manifest.json                    every other file's size and xxh3 checksum (see verify)
   trainer_state.json               step, tokens, tracker run ids, what the data order depends on, the arguments
                                    without secrets, library versions and git commit, the run's state (best eval,
                                    time, latest values), the callbacks' states, whether the step's evaluation is
@@ -16,8 +17,10 @@
 `from_pretrained` loads it on one device.
 
 Every file is written into a hidden `.step{N}.tmp/` folder and fsynced, and rank 0 renames the folder into place once
-all ranks are done: a crash or kill mid-save leaves only the hidden folder, which nothing picks up. Nothing is
-unpickled on loading but DCP's metadata, through an unpickler that admits its own classes alone.
+all ranks are done: a crash or kill mid-save leaves only the hidden folder, which nothing picks up. A save that fails
+on any rank (a full disk, permissions, a quota) raises CheckpointSaveError on every rank and removes the hidden folder.
+Resuming verifies the manifest first, so that a truncated or altered file is named instead of failing deep in torch.
+Nothing is unpickled on loading but DCP's metadata, through an unpickler that admits its own classes alone.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +41,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 
-from timl.train_state import (METADATA, NON_TENSOR_STATE, TRAINER_STATE, CheckpointError, export_hf_model,
-                              load_training_state, read_json, save_training_state, write_json, write_model_config)
+from timl.collectives import all_ranks, from_rank_0, rank_and_world_size
+from timl.manifest import REQUIRED_FILES, file_entry, verify, write_manifest
+from timl.train_state import (TRAINER_STATE, CheckpointError, export_hf_model, load_training_state, naming_file,
+                              os_error_of, read_json, save_training_state, write_json, write_model_config)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "Checkpointer", "check_shared_output_dir", "export_hf_model", "is_complete",
-           "load_weights", "read_trainer_state", "resolve", "set_aside_steps_after", "step_folders"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "Checkpointer", "check_free_space", "check_shared_output_dir",
+           "checkpoint_bytes_estimate", "export_hf_model", "is_complete", "load_weights", "read_trainer_state",
+           "resolve", "set_aside_steps_after", "step_folders", "verify"]
 
-REQUIRED_FILES = (METADATA, NON_TENSOR_STATE, TRAINER_STATE)
 STEP_FOLDER = re.compile(r"step(\d+)")
 # What the data order and the meaning of a step depend on: a checkpoint continues only the same values. (The world
 # size may change: the loader's state is a stream position. The data itself is checked by the loader's state.)
@@ -105,6 +112,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, permissions, a quota); raised on every rank at once."""
+
+
 def is_complete(directory: Path) -> bool:
     return all((Path(directory) / name).is_file() for name in REQUIRED_FILES)
 
@@ -119,20 +130,30 @@ def step_folders(output_dir: str | Path) -> list[Path]:
 
 
 def resolve(resume_from: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: a folder, or 'latest', the newest complete step{N} in output_dir (None if
-    there is none yet, so that a preempted job can be relaunched with the same command from the start)."""
+    """The checkpoint to resume from, verified (see verify): the folder named, or for 'latest' the newest step{N} in
+    output_dir that verifies; None if output_dir has no step folder yet, so that a preempted job can be relaunched
+    with the same command from the start. Newer folders that fail are named in a warning and left in place; if none
+    verifies, CheckpointError. With a process group, every rank calls it and gets the same answer."""
     if resume_from != "latest":
         path = Path(resume_from)
-        if not is_complete(path):
-            missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        problems = verify(path)
+        if problems:
             older = " (it looks like a checkpoint of timl before DCP)" if (path / "optimizer_0.pt").exists() else ""
             raise CheckpointError(f"--resume_from_checkpoint {path} is not a complete timl checkpoint{older}: "
-                                  f"missing {', '.join(missing)}.")
+                                  f"{'; '.join(problems)}.")
         return path
-    for path in reversed(step_folders(output_dir)):
-        if is_complete(path):
+    rejected = []
+    for path in reversed(from_rank_0(lambda: step_folders(output_dir))):
+        problems = verify(path)
+        if not problems:
             return path
-        logger.warning("Skipping %s: it is not a complete checkpoint.", path)
+        if rank_and_world_size()[0] == 0:
+            logger.warning("Skipping %s, which stays in place: %s.", path, "; ".join(problems))
+        rejected.append(f"{path}: {'; '.join(problems)}")
+    if rejected:
+        raise CheckpointError(f"No checkpoint in {output_dir} verifies, so the run cannot resume:\n  "
+                              + "\n  ".join(rejected) + "\nRestore one from a copy (a --push_to_hub upload), or move "
+                              "them out of output_dir to start from the beginning.")
     return None
 
 
@@ -183,7 +204,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def _write_durably(path: Path, value: Any) -> None:
-    with open(path, "wb") as file:
+    with naming_file(path), open(path, "wb") as file:
         torch.save(value, file)
         file.flush()
         os.fsync(file.fileno())
@@ -225,6 +246,68 @@ def check_shared_output_dir(output_dir: str | Path, *, local_rank: int, device: 
             f"filesystem that all nodes mount at the same path (NFS, Lustre, GPFS, a mounted bucket).")
 
 
+def _free_bytes(path: Path) -> int:
+    """The free space of the filesystem that holds `path`, or would hold it once made."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _readable(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}" if unit != "bytes" else f"{int(count)} bytes"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _failure_lines(error: BaseException, rank: int) -> list[str]:
+    """What failed, one line per rank that failed: the file and the OS's reason, when there is one."""
+    if isinstance(error, CheckpointException):  # DCP raises it on every rank, holding the failed ranks' errors
+        return [line for failed, (cause, _) in sorted(error.failures.items())
+                for line in _failure_lines(cause, failed)]
+    cause = os_error_of(error)
+    if cause is None:
+        return [f"rank {rank}: {type(error).__name__}: {error}"]
+    reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
+    return [f"rank {rank} could not write {cause.filename or 'its files'}: {reason}"]
+
+
+def _save_error(directory: Path, failures: list[str]) -> CheckpointSaveError:
+    output_dir = directory.parent
+    complete = [path for path in step_folders(output_dir) if is_complete(path)]
+    if complete:
+        advice = (f"The last complete checkpoint is {complete[-1]}: once there is room (or the cause is fixed), "
+                  f"continue from it with --resume_from_checkpoint latest.")
+    else:
+        advice = f"There is no complete checkpoint in {output_dir}: once there is room, the run starts again."
+    return CheckpointSaveError(f"Could not save the checkpoint {directory}:\n  " + "\n  ".join(failures)
+                               + f"\n{output_dir} has {_readable(_free_bytes(output_dir))} free. The unfinished "
+                               f"checkpoint is removed and the earlier ones are intact. {advice}")
+
+
+def checkpoint_bytes_estimate(model: torch.nn.Module, output_dir: str | Path, states_per_parameter: int = 2) -> int:
+    """About how many bytes a checkpoint takes: the newest complete one in output_dir, if any; else the parameters
+    and `states_per_parameter` more tensors of their size (AdamW keeps two moments, Muon one momentum)."""
+    complete = [path for path in step_folders(output_dir) if is_complete(path)]
+    if complete:
+        return sum(path.stat().st_size for path in complete[-1].iterdir() if path.is_file())
+    parameters = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return parameters * (1 + states_per_parameter)
+
+
+def check_free_space(output_dir: str | Path, estimate: int) -> bool:
+    """Warns when output_dir has room for fewer than two checkpoints of `estimate` bytes: a save writes the new one
+    before --save_total_limit deletes an old one. Returns whether there is room."""
+    free = _free_bytes(Path(output_dir))
+    if free >= 2 * estimate:
+        return True
+    logger.warning("%s has %s free, less than two checkpoints of about %s each: a save may fail with a full disk "
+                   "(the run then stops, and the last complete checkpoint stays). Free some space, or use another "
+                   "--output_dir.", output_dir, _readable(free), _readable(estimate))
+    return False
+
+
 class Checkpointer:
     """Saves, prunes, uploads and loads the checkpoints of one run. Every process calls save and load together.
 
@@ -239,37 +322,77 @@ class Checkpointer:
         self.output_dir = Path(args.output_dir)
 
     def save(self, step: int, *, optimizers: Any, loader: Any, state: dict[str, Any], final: bool = False) -> Path:
-        accelerator, rank = self.accelerator, self.accelerator.process_index
+        """Writes step{step}/ (and main/ when `final`). A failure on any rank raises CheckpointSaveError on every rank
+        and leaves no unfinished folder behind."""
         directory = self.output_dir / f"step{step}"
         temporary = directory.with_name(f".{directory.name}.tmp")
-        if accelerator.is_main_process:
-            _fresh_temporary(directory)
-        accelerator.wait_for_everyone()
+        trainer_state = {**state, "step": step, "world_size": self.accelerator.num_processes,
+                         "optimizers": optimizers.names}
+        try:
+            self._on_every_rank(directory, lambda: _fresh_temporary(directory), main_only=True)
+            written = self._on_every_rank(directory, lambda: self._write_rank_files(temporary, optimizers, loader))
+            hashed = {name: entry for entries in written for name, entry in entries.items()}
+            self._on_every_rank(directory, lambda: self._complete(directory, hashed, trainer_state, final),
+                                main_only=True)
+        except CheckpointSaveError:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return directory
+
+    def _on_every_rank(self, directory: Path, work: Callable[[], Any], main_only: bool = False) -> list[Any]:
+        """Runs `work` (on the main process alone if main_only) and returns every rank's result. A failure on any
+        rank raises CheckpointSaveError on all: the ranks exchange their outcomes instead of meeting at a barrier,
+        which a rank that failed would never reach."""
+        result, error = None, None
+        if self.accelerator.is_main_process or not main_only:
+            try:
+                result = work()
+            except (Exception, CheckpointException) as caught:  # CheckpointException is a BaseException
+                error = caught
+        failed = _failure_lines(error, self.accelerator.process_index) if error is not None else []
+        outcomes = all_ranks((result, failed))
+        failures = list(dict.fromkeys(line for _, lines in outcomes for line in lines))
+        if failures:
+            raise _save_error(directory, failures) from error
+        return [result for result, _ in outcomes]
+
+    def _write_rank_files(self, temporary: Path, optimizers: Any, loader: Any) -> dict[str, dict[str, Any]]:
+        """Writes this rank's share of a checkpoint; returns the manifest entries of the files that only it wrote."""
+        rank = self.accelerator.process_index
         save_training_state(temporary, model=self.model, optimizers=optimizers.optimizers,
                             schedulers=optimizers.schedulers, base_model=self.base_model)
         _write_durably(temporary / f"rng_state_{rank}.pt", rng_state())
         write_json(temporary / f"loader_state_{rank}.json", loader.state_dict())
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_model_config(self.base_model, temporary)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(temporary)
-            write_json(temporary / TRAINER_STATE, {**state, "step": step, "world_size": accelerator.num_processes,
-                                                   "optimizers": optimizers.names})
-            publish(temporary, directory)
-            self._upload(directory, f"step{step}")
-            if final:
-                self._upload(self.export(directory, self.output_dir / "main"), "main", final=True)
-            self.prune(keep=directory)
-        accelerator.wait_for_everyone()
-        return directory
+        own = [*temporary.glob(f"__{rank}_*.distcp"), temporary / f"rng_state_{rank}.pt",
+               temporary / f"loader_state_{rank}.json"]
+        return {path.name: file_entry(path) for path in own}
+
+    def _complete(self, directory: Path, hashed: dict[str, dict[str, Any]], trainer_state: dict[str, Any],
+                  final: bool) -> None:
+        """On the main process: the shared files, the manifest, the marker; then publishes, exports, uploads, prunes."""
+        temporary = directory.with_name(f".{directory.name}.tmp")
+        write_model_config(self.base_model, temporary)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(temporary)
+        write_manifest(temporary, hashed)
+        write_json(temporary / TRAINER_STATE, trainer_state)
+        publish(temporary, directory)
+        self._upload(directory, directory.name)
+        if final:
+            self._upload(self.export(directory, self.output_dir / "main"), "main", final=True)
+        self.prune(keep=directory)
 
     @staticmethod
     def export(checkpoint_dir: Path, destination: Path) -> Path:
         """Exports a checkpoint's model to `destination` as a Hugging Face folder, atomically."""
         temporary = _fresh_temporary(destination)
-        export_hf_model(checkpoint_dir, temporary)
-        publish(temporary, destination)
+        try:
+            export_hf_model(checkpoint_dir, temporary)
+            publish(temporary, destination)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
         return destination
 
     def _upload(self, directory: Path, revision: str, final: bool = False) -> None:

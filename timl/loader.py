@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from timl.collectives import rank_and_world_size
 from timl.shards import ShardError, ShardInfo, list_shards
 
 IGNORE_INDEX = -100
@@ -45,12 +46,6 @@ class BatchLoader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def _distributed_rank_and_world_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class _Stream:
@@ -258,7 +253,7 @@ class TokenSource:
 def resolve_batch_geometry(per_device: int | None, global_: int | None, rank: int | None,
                            world_size: int | None) -> tuple[int, int, int]:
     """(rank, world size, per-device batch size), checked; rank and world size default to torch.distributed's."""
-    default_rank, default_world_size = _distributed_rank_and_world_size()
+    default_rank, default_world_size = rank_and_world_size()
     rank = default_rank if rank is None else rank
     world_size = default_world_size if world_size is None else world_size
     if (per_device is None) == (global_ is None):

@@ -9,16 +9,23 @@ logits. When it does not, training runs on the model's own logits and says so: n
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from timl import losses
+from timl.train_state import write_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -43,26 +50,92 @@ def build_config(model_name: str, config_overrides: str | None = None, trust_rem
     """A config by name: GPT-2 sizes and LOCAL_CONFIGS are built locally, as is any transformers model type
     ("llama", "gemma2", ...) with its default sizes; anything else is a local folder or a Hub id.
 
-    `config_overrides` is transformers' run_clm syntax, e.g. "n_layer=2,n_embd=64".
+    `config_overrides` is transformers' run_clm syntax, e.g. "n_layer=2,n_embd=64"; the config is built again with
+    them (`_with_overrides`). A config that transformers would refuse to save is refused here, not at the first
+    checkpoint.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     key = model_name.removeprefix("openai-community/")
+    arguments = None  # the constructor arguments of a config built here
     if key in GPT2_SIZES:
-        config = GPT2Config(**GPT2_SIZES[key])
+        model_type, arguments = "gpt2", GPT2_SIZES[key]
     elif key in LOCAL_CONFIGS:
-        model_type, values = LOCAL_CONFIGS[key]
-        config = AutoConfig.for_model(model_type, **values)
+        model_type, arguments = LOCAL_CONFIGS[key]
     elif key in CONFIG_MAPPING:
-        config = AutoConfig.for_model(key)
-    else:
+        model_type, arguments = key, {}
+    if arguments is None:
         config = _hub_call(AutoConfig.from_pretrained, model_name, flag, trust_remote_code=trust_remote_code)
+    else:
+        config = AutoConfig.for_model(model_type, **arguments)
     if config_overrides:
-        try:
-            config.update_from_string(config_overrides)
-        except (ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"--config_overrides {config_overrides!r}: {error}") from None
+        config = _with_overrides(config, config_overrides, arguments)
+    error = _save_error(config.save_pretrained)
+    if error:
+        given = f"--config_overrides {config_overrides!r}" if config_overrides else f"{flag} {model_name!r}"
+        raise ValueError(f"{given}: transformers would refuse to save this {config.model_type} config, at the "
+                         f"run's first checkpoint: {error}")
     return config
+
+
+def _with_overrides(config: PretrainedConfig, overrides: str, arguments: dict[str, Any] | None) -> PretrainedConfig:
+    """The config built again through its class, with the overrides among its constructor arguments, so that its
+    __init__ derives from them what it derives: layer_types from num_hidden_layers, head_dim from hidden_size, ....
+    Set on the built config (update_from_string), those would keep the old sizes' values, and transformers refuses
+    such a config only when the first checkpoint saves it.
+
+    `arguments` are what the config was built from; a loaded config (None: a folder or a Hub id) is built again from
+    its saved values (`_saved_arguments`).
+    """
+    updated = copy.deepcopy(config)
+    try:
+        # transformers types each value as the one it replaces, and refuses names the config lacks.
+        updated.update_from_string(overrides)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}") from None
+    names = [item.split("=")[0] for item in overrides.split(",")]
+    overridden = {updated.attribute_map.get(name, name): getattr(updated, name) for name in names}
+    if arguments is None:
+        arguments = _saved_arguments(config, getattr(updated, "num_hidden_layers", None))
+    try:
+        return type(config)(**{**arguments, **overridden})
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}") from None
+
+
+def _saved_arguments(config: PretrainedConfig, layers: int | None) -> dict[str, Any]:
+    """A loaded config's values, to build it again with `layers` layers: when that changes the layer count, less
+    the lists of one entry per old layer that its __init__ derives when they are absent (default None:
+    layer_types, mlp_layer_types, ...), so that it derives them for the new count as it would for a fresh config.
+
+    A saved list may hold a pattern set by hand, so it is kept while the layer count stays: only then can it still
+    be right. A field that __init__ does not derive is kept too; if it is now wrong, validation says so.
+    """
+    saved, saved_layers = config.to_dict(), getattr(config, "num_hidden_layers", None)
+    if layers == saved_layers:
+        return saved
+    derived = {field.name for field in dataclasses.fields(config) if field.default is None}
+    return {name: value for name, value in saved.items()
+            if not (name in derived and isinstance(value, list) and len(value) == saved_layers)}
+
+
+def check_config_saves(model: torch.nn.Module) -> None:
+    """Writes the model's config (and generation config) into a temporary folder as every checkpoint writes them,
+    so that a config transformers refuses to save stops the run at start-up, not at its first checkpoint."""
+    error = _save_error(lambda directory: write_model_config(model, directory))
+    if error:
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(f"The {model_type} model's config would fail at the first checkpoint save: {error}")
+
+
+def _save_error(write: Callable[[Path], Any]) -> Exception | None:
+    """What writing into a fresh temporary folder raises, if anything."""
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            write(Path(directory))
+        except Exception as error:  # anything a save would raise, for the caller to report with what to change
+            return error
+    return None
 
 
 def build_model(config: PretrainedConfig, attn_implementation: str | None = None,

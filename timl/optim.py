@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules: AdamW as the original timl built it, or Muon with an auxiliary AdamW.
 
-Parameter groups follow one rule, here: biases and norm weights never get weight decay; embeddings (input and
-output) get it unless --decay_embeddings false. With --optim muon, Muon takes the 2-D weight matrices of the hidden
-layers, and AdamW takes everything else: embeddings, the output head, norms and biases.
+Parameter groups follow one rule, here. Weight decay goes where the Hugging Face Trainer puts it, decided by its own
+`get_decay_parameter_names`: every weight, whatever its number of dimensions (the 3-D stacked experts of a mixture
+of experts too), but not biases and norms, as that function names them. Embeddings (input and output) are decayed
+unless --decay_embeddings false. With --optim muon, Muon takes the decayed 2-D weight matrices of the hidden layers,
+and AdamW takes everything else: embeddings, the output head, weights of other shapes, norms and biases.
 
 torch's Muon scales each update by a rule of the weight's shape, read as torch.nn.Linear's [out, in]. GPT-2's Conv1D
 stores its weights [in, out], so they go into Muon groups whose lr carries the correction (LR_SCALE): as Newton-Schulz
@@ -19,8 +21,8 @@ from transformers import get_scheduler
 from transformers.pytorch_utils import Conv1D
 
 from timl.arguments import TrainingArguments
+from timl.modeling import output_layer
 
-NORM_CLASSES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
 # A Muon group's lr over --muon_learning_rate, kept in the group (and so in checkpoints) for the logged rate.
 LR_SCALE = "lr_scale"
 FUSED_ADAMW_OPTIMS = ("adamw_torch_fused", "muon")
@@ -43,45 +45,71 @@ class OptimizerSet:
         main = rates.get("lr_adamw", next(iter(rates.values())))
         return {"lr": main, **(rates if len(rates) > 1 else {})}
 
+    def step(self, skip: torch.Tensor) -> None:
+        """Steps every optimizer and schedule, and clears the gradients. Where `skip` (a bool on the device) is set,
+        no weight and no optimizer state changes; the schedules still advance, as the step is spent.
 
-def is_norm_module(module: torch.nn.Module) -> bool:
-    # Hugging Face models define their own RMSNorm classes, so the class name is the reliable sign.
-    return isinstance(module, NORM_CLASSES) or "norm" in type(module).__name__.lower()
+        torch's fused optimizers (fused AdamW) take the flag on the device, as GradScaler hands them its overflow
+        flag, so skipping costs no wait for the GPU. Any other optimizer (Muon, a custom one) needs the flag on
+        the host first: one synchronisation per step, on those runs alone."""
+        skip_on_host: bool | None = None
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+            if getattr(inner, "_step_supports_amp_scaling", False):
+                inner.found_inf = skip.float()
+                try:
+                    optimizer.step()
+                finally:
+                    del inner.found_inf
+            else:
+                skip_on_host = bool(skip.item()) if skip_on_host is None else skip_on_host
+                if not skip_on_host:
+                    optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def _hf_decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The names Hugging Face's Trainer decays: its own rule (bias and norm name patterns, torch.nn.LayerNorm), so
+    that timl cannot drift from it. It works on any torch.nn.Module, custom models too."""
+    # Imported here: transformers.Trainer takes seconds to import, and only building the optimizers needs it.
+    from transformers import Trainer
+
+    # The method reads nothing of the Trainer, so it is called without one.
+    return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def _embedding_parameter_ids(model: torch.nn.Module) -> set[int]:
     ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None:
-        ids.add(id(output.weight))
+    head = output_layer(model)
+    if head is not None:
+        ids.add(id(head[0]))
     return ids
 
 
 def parameter_kinds(model: torch.nn.Module) -> dict[str, str]:
-    """Each trainable parameter's kind: 'embedding', 'matrix' (a 2-D hidden weight) or 'vector' (biases, norms)."""
-    embeddings = _embedding_parameter_ids(model)
+    """Each trainable parameter's kind: 'bias_or_norm' (never decayed), 'embedding' (the input and output ones),
+    'matrix' (a 2-D hidden weight, Muon's) or 'weight' (any other decayed weight: 3-D experts, for one)."""
+    decayed, embeddings = _hf_decay_parameter_names(model), _embedding_parameter_ids(model)
     kinds: dict[str, str] = {}
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            full = f"{module_name}.{name}" if module_name else name
-            # A tied weight (GPT-2's output head is its input embedding) is one parameter, under its first name.
-            if not parameter.requires_grad or id(parameter) in seen:
-                continue
-            seen.add(id(parameter))
-            if id(parameter) in embeddings:
-                kinds[full] = "embedding"
-            elif parameter.ndim == 2 and not name.endswith("bias") and not is_norm_module(module):
-                kinds[full] = "matrix"
-            else:
-                kinds[full] = "vector"
+    # A tied weight (GPT-2's output head is its input embedding) is one parameter, under its first name, which is
+    # the name the Hugging Face Trainer looks up too.
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name not in decayed:
+            kinds[name] = "bias_or_norm"
+        elif id(parameter) in embeddings:
+            kinds[name] = "embedding"
+        else:
+            kinds[name] = "matrix" if parameter.ndim == 2 else "weight"
     return kinds
 
 
 def decay_parameter_names(model: torch.nn.Module, decay_embeddings: bool = True) -> set[str]:
     """Names of the parameters that get weight decay: everything but biases and norm weights (and embeddings, if
     decay_embeddings is off)."""
-    decayed = {"matrix", "embedding"} if decay_embeddings else {"matrix"}
+    decayed = {"matrix", "weight", "embedding"} if decay_embeddings else {"matrix", "weight"}
     return {name for name, kind in parameter_kinds(model).items() if kind in decayed}
 
 

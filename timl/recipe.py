@@ -3,7 +3,12 @@ Trainer."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +16,7 @@ import torch
 from transformers.trainer_utils import set_seed
 
 from timl.arguments import TrainingArguments
+from timl.errors import RunError
 from timl.modeling import ATTENTION_CHOICES, build_config, build_model, load_pretrained, max_positions
 from timl.trainer import Trainer
 
@@ -54,7 +60,30 @@ def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.
     return build_model(config, model_args.attn_implementation, model_args.trust_remote_code)
 
 
+def model_info(model_args: ModelArguments, model: torch.nn.Module) -> dict[str, Any]:
+    """What run_config.json and every checkpoint record of how the model was made: the model arguments and, for
+    pretrained weights from the Hub, the commit they were read at."""
+    info = dataclasses.asdict(model_args)
+    if model_args.from_pretrained:
+        info["from_pretrained_commit"] = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return info
+
+
 def pretrain(model_args: ModelArguments, args: TrainingArguments, **trainer_kwargs: Any) -> dict[str, float]:
     """Builds the model (or loads it) and trains it; returns the last logged values."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return Trainer(make_model(model_args, args), args, **trainer_kwargs).train()
+    model = make_model(model_args, args)
+    return Trainer(model, args, model_info=model_info(model_args, model), **trainer_kwargs).train()
+
+
+@contextlib.contextmanager
+def exit_on_run_error() -> Iterator[None]:
+    """For a recipe's main: a RunError (a bad checkpoint, a failed save, a non-finite loss, an output folder in use)
+    ends the process with exit code 1 and its message alone, printed once, by the main process; its message already
+    says what happened and what to do, and a traceback would bury it."""
+    try:
+        yield
+    except RunError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\ntiml: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
 from pathlib import Path
@@ -51,8 +52,8 @@ class RunLog:
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             (self.path.parent / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-            if resumed_step is not None:
-                self._forget_after(resumed_step)
+            # A fresh start keeps nothing of an earlier attempt (one that crashed before its first checkpoint).
+            self._forget_after(resumed_step if resumed_step is not None else -1)
         if args.trackers:
             accelerator.init_trackers(args.wandb_project or "timl", config=_flat(config),
                                       init_kwargs=tracker_init_kwargs(args, run_ids or {}))
@@ -79,13 +80,20 @@ class RunLog:
         """Writes a line; `elapsed_seconds`, the whole run's time so far (see TrainerState), goes to the file only."""
         if not self.accelerator.is_main_process:
             return
-        record = {"step": step, **values, "elapsed_seconds": elapsed_seconds}
+        record = {"step": step, **finite_or_null(values), "elapsed_seconds": elapsed_seconds}
         with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(json.dumps(record, allow_nan=False) + "\n")
         self.accelerator.log(values, step=step)
 
     def close(self) -> None:
         self.accelerator.end_training()
+
+
+def finite_or_null(values: dict[str, Any]) -> dict[str, Any]:
+    """The values with NaN and infinities as None: strict JSON has no such numbers, and jq and other readers
+    refuse the bare NaN that Python would write."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in values.items()}
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

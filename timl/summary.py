@@ -24,6 +24,9 @@ def render(state: TrainerState, args: Any, *, flops_per_token: float, peak_flops
         speed = state.timed_tokens / state.timed_seconds
         mfu = f", MFU {speed / processes * flops_per_token / peak_flops:.1%}" if peak_flops else ""
         lines.append(f"  mean {speed:,.0f} tokens/s over the timed steps{mfu} (first steps and evals excluded)")
+    if state.skipped_steps:
+        steps = ", ".join(map(str, state.skipped_steps[:10])) + (", ..." if len(state.skipped_steps) > 10 else "")
+        lines.append(f"  skipped {len(state.skipped_steps)} steps whose loss or grad norm was not finite: {steps}")
     if state.best_eval_loss is not None:
         lines.append(f"  best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}")
     model = (f"{output_dir}/main (AutoModelForCausalLM.from_pretrained)" if main_written

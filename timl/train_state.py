@@ -21,7 +21,8 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +32,60 @@ import torch.distributed.checkpoint as dcp
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from timl.collectives import is_distributed
+from timl.errors import RunError
+
 METADATA = ".metadata"
 NON_TENSOR_STATE = "non_tensor_state.json"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 MODEL = "model"
 # What a checkpoint folder holds only to resume training; export_hf_model copies every other file (config,
 # generation config, tokenizer files) beside the weights.
-TRAINING_STATE_FILES = re.compile(r"\.metadata|.*\.distcp|non_tensor_state\.json|trainer_state\.json|"
+TRAINING_STATE_FILES = re.compile(r"\.metadata|.*\.distcp|non_tensor_state\.json|trainer_state\.json|manifest\.json|"
                                   r"rng_state_\d+\.pt|loader_state_\d+\.json")
 _TENSOR, _TUPLE = "__tensor__", "__tuple__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that cannot be found, read, or used to continue this run."""
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, one it was raised from or while handling, or one that a Rust library
+    (safetensors) names only in its message, as 'os error 28'."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    found = re.search(r"os error (\d+)", str(error))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else None
+
+
+@contextmanager
+def naming_file(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raises an OSError met while writing `path` as a plain OSError that names the file: a write() onto a full
+    disk says only 'No space left on device', and torch.save turns even that into 'unexpected pos'."""
+    try:
+        yield
+    except Exception as error:
+        cause = os_error_of(error)
+        if cause is None or (cause is error and cause.filename):
+            raise
+        raise OSError(cause.errno, cause.strerror, cause.filename or str(path)) from error
 
 
 def write_json(path: Path, value: Any) -> None:
     """Writes JSON and fsyncs it, so that a file published after it is never there without it."""
-    with open(path, "w") as file:
+    with naming_file(path), open(path, "w") as file:
         file.write(json.dumps(value, indent=2, default=str) + "\n")
         file.flush()
         os.fsync(file.fileno())
@@ -185,8 +216,13 @@ def _states(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
     return states
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+class _NamingFileSystem(FileSystem):
+    """DCP's local file system, whose write errors name the file (see naming_file)."""
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        with naming_file(path), super().create_stream(path, mode) as stream:
+            yield stream
 
 
 def _quiet_if_single(call: Callable[..., Any], *args: Any, no_dist: bool, **kwargs: Any) -> Any:
@@ -205,8 +241,10 @@ def save_training_state(directory: str | Path, *, model: torch.nn.Module,
     (DDP-wrapped, fully_shard-ed or plain); its keys are saved relative to `base_model`, a submodule, if given."""
     directory = Path(directory)
     states = _states(model, optimizers, schedulers, base_model)
-    _quiet_if_single(dcp.save, states, storage_writer=FileSystemWriter(directory), no_dist=not _distributed())
-    if not _distributed() or dist.get_rank() == 0:
+    writer = FileSystemWriter(directory)
+    writer.fs = _NamingFileSystem()
+    _quiet_if_single(dcp.save, states, storage_writer=writer, no_dist=not is_distributed())
+    if not is_distributed() or dist.get_rank() == 0:
         write_json(directory / NON_TENSOR_STATE,
                    {key: state.rest for key, state in states.items() if isinstance(state, _SplitState)})
 
@@ -226,7 +264,7 @@ def load_training_state(directory: str | Path, *, model: torch.nn.Module,
         raise CheckpointError(f"{directory} holds the state of {sorted(saved)}, but this run has "
                               f"{sorted(states.keys() - {MODEL})}.")
     try:
-        _quiet_if_single(dcp.load, states, storage_reader=FileSystemReader(directory), no_dist=not _distributed())
+        _quiet_if_single(dcp.load, states, storage_reader=FileSystemReader(directory), no_dist=not is_distributed())
     except (CheckpointException, Exception) as error:  # CheckpointException is a BaseException
         raise CheckpointError(f"{directory} could not be loaded into this model and its optimizers (the same "
                               f"--model_name, --config_overrides and --optim?): {error}") from error

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -21,25 +23,32 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from timl import checkpoint, summary
 from timl.arguments import TrainingArguments
 from timl.callbacks import CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl, TrainerState
+from timl.collectives import from_rank_0
+from timl.errors import RunError
 from timl.kernels import apply_fp8, apply_liger
-from timl.modeling import (CausalLMForTraining, check_tied_weights, choose_loss_path, compile_model,
-                           enable_activation_checkpointing, pad_vocab, real_vocab_size)
+from timl.modeling import (CausalLMForTraining, check_config_saves, check_tied_weights, choose_loss_path,
+                           compile_model, enable_activation_checkpointing, pad_vocab, real_vocab_size)
 from timl.loader import BatchLoader
 from timl.losses import LossFunction, as_global_share, count_labelled, next_token_loss
 from timl.metrics import CrossEntropy, Metric, report
 from timl.optim import OptimizerSet, build_optimizer_set
 from timl.preemption import PreemptionGuard
 from timl.provenance import provenance
+from timl.run_folder import RunLock, clear_previous_run
 from timl.run_log import RunLog
 from timl.saved_tokenizer import find_tokenizer
 from timl.sources import eval_loader_factories, train_loader
-from timl.window import LogWindow, StepResult, StopVotes
+from timl.window import LogWindow, StepResult, StepSignals
 from timl.throughput import flops_per_token, peak_flops
 
 logger = logging.getLogger(__name__)
 
 LoaderFactory = Callable[[TrainingArguments, Accelerator], BatchLoader]
 """Builds a loader for this process. The eval factory is called before every evaluation and must start afresh."""
+
+
+class NonFiniteLossError(RunError):
+    """The loss or the gradient norm was NaN or inf (beyond --skip_nonfinite_steps): the run stopped."""
 
 
 class Trainer:
@@ -56,6 +65,8 @@ class Trainer:
             is always computed.
         optimizers: an optimizer and a scheduler to use instead of AdamW and --lr_scheduler_type.
         callbacks: `timl.callbacks.TrainerCallback` objects, fired in this order at each event of the run.
+        model_info: how the model was made (name, config overrides, pretrained weights and their revision), recorded
+            in run_config.json and every checkpoint beside the arguments.
     """
 
     def __init__(
@@ -70,13 +81,13 @@ class Trainer:
         eval_metrics: Sequence[Metric] = (),
         optimizers: tuple[torch.optim.Optimizer | None, Any] | list[tuple[torch.optim.Optimizer, Any]] = (None, None),
         callbacks: Sequence[TrainerCallback] = (),
+        model_info: dict[str, Any] | None = None,
     ):
         self.args = args
-        self.accelerator = Accelerator(
-            mixed_precision="bf16" if args.bf16 and torch.cuda.is_available() else "no",
-            log_with=args.trackers or None,
-            project_dir=args.output_dir,
-        )
+        self.model_info = dict(model_info or {})
+        bf16 = args.bf16 and torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin(bf16),
+                                       log_with=args.trackers or None, project_dir=args.output_dir)
         if self.accelerator.num_processes != args.world_size:
             raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
                                f"{args.world_size}; launch with torchrun or accelerate launch.")
@@ -84,6 +95,8 @@ class Trainer:
         # (padded vocab rows) is drawn from it too, the same on every rank.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
+        # What every checkpoint will write, written once now: a config that cannot be saved stops the run here.
+        check_config_saves(model)
         # From here each rank draws its own dropout masks; the data order is keyed by --seed alone (timl.loader).
         seed = args.seed + self.accelerator.process_index
         enable_full_determinism(seed) if args.full_determinism else set_seed(seed)
@@ -109,6 +122,8 @@ class Trainer:
         self.run_log: RunLog | None = None
         self.uploader: Any = None
         self.preempted = False
+        self.lock = RunLock(args.output_dir)
+        self.last_checkpoint: Path | None = None  # the newest checkpoint this run saved or resumed from
 
     def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
                       train_metrics: Sequence[Metric]) -> list[str]:
@@ -144,16 +159,23 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Trains to the end, or until a stop signal or a callback stops it; returns the latest logged values."""
         args = self.args
-        self.train_loader = self.train_loader_factory(args, self.accelerator)
-        self.prepare(self.count_steps(self.train_loader))
-        saved = self.resume()
+        self.take_output_dir()
+        try:
+            self.train_loader = self.train_loader_factory(args, self.accelerator)
+            self.prepare(self.count_steps(self.train_loader))
+            saved = self.resume()
+        except BaseException:
+            self.lock.release()
+            raise
         if saved.get("step", 0) >= self.total_steps:
+            self.lock.release()
             return self.report_finished(saved)
         # Made after the resume: some iterators (torchdata's StatefulDataLoader) take the loader's position when made.
         batches = iter(self.train_loader)
         try:
             self.begin(saved)
             with PreemptionGuard() as guard:
+                self.guard = guard
                 for step in range(self.state.step, self.total_steps + 1):
                     last_step = step == self.total_steps
                     self.evaluate_and_save(step, last_step)
@@ -161,8 +183,7 @@ class Trainer:
                         break
                     result = self.training_step(batches, guard.requested)
                     self.end_step(result)
-                    if self.stop_votes.swap(result.stop_votes):
-                        self.stop_for_signal(guard)
+                    self.act_on(self.signals.push(self.state.step, result.signals()))
         except BaseException:
             # What was saved stays whole: the pending uploads get the preemption grace, the trackers are closed.
             self.close(upload_timeout=args.preemption_upload_seconds)
@@ -171,6 +192,52 @@ class Trainer:
         self.close(upload_timeout=args.preemption_upload_seconds if self.preempted else None)
         self.print_summary()
         return dict(self.state.latest)
+
+    def take_output_dir(self) -> None:
+        """Locks output_dir for this run (the main process), and with --overwrite_output_dir clears the previous run
+        from it. Every process raises what the main process raised, so that none goes on alone into a collective."""
+        def take() -> None:
+            try:
+                self.lock.acquire()
+                if self.args.overwrite_output_dir and not self.args.resume_from_checkpoint:
+                    clear_previous_run(self.args.output_dir)
+            except BaseException:
+                self.lock.release()
+                raise
+
+        from_rank_0(take)
+
+    def act_on(self, signals: tuple[int, list[float]] | None) -> None:
+        """Acts on a step's signals (StepSignals), read after the next step or before a save: a stop signal on any
+        process stops all of them; a non-finite loss or grad norm is counted, and stops the run beyond
+        --skip_nonfinite_steps. Every process gets the same values, so all of them act alike."""
+        if signals is None:
+            return
+        step, (stop_votes, nonfinite, loss, grad_norm) = signals
+        if nonfinite:
+            self.count_nonfinite_step(step, loss, grad_norm)
+        if stop_votes:
+            self.stop_for_signal(self.guard)
+
+    def count_nonfinite_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """A step whose loss or grad norm was NaN or inf changed nothing (training_step skipped its update). Within
+        --skip_nonfinite_steps the run goes on; beyond, it stops before saving anything more."""
+        skipped = self.state.skipped_steps
+        skipped.append(step)
+        if len(skipped) <= self.args.skip_nonfinite_steps:
+            logger.warning("Step %d: loss %s, grad norm %s: skipped, the weights unchanged (%d of "
+                           "--skip_nonfinite_steps %d).", step, loss, grad_norm, len(skipped),
+                           self.args.skip_nonfinite_steps)
+            return
+        last = (f"the last checkpoint is {self.last_checkpoint} (resume with --resume_from_checkpoint "
+                f"{self.last_checkpoint})" if self.last_checkpoint else "no checkpoint was saved yet")
+        allowed = (f" after {len(skipped) - 1} skipped steps ({', '.join(map(str, skipped[:-1]))})"
+                   if len(skipped) > 1 else "")
+        raise NonFiniteLossError(
+            f"Step {step}: the loss is {loss} and the gradient norm {grad_norm}{allowed}. The run stopped: this step "
+            f"changed no weight, and nothing after it was saved; {last}. To try: a lower --learning_rate (now "
+            f"{self.args.learning_rate:g}), --max_grad_norm 1.0 (now {self.args.max_grad_norm:g}), more warm-up "
+            f"(--warmup_steps), --z_loss_coefficient 1e-4, or --skip_nonfinite_steps N to skip rare bad batches.")
 
     def begin(self, saved: dict[str, Any]) -> None:
         """Starts this session: the run's state (continued from a checkpoint), its log, the uploader, the callbacks."""
@@ -185,7 +252,7 @@ class Trainer:
         self.run_log = RunLog(args, accelerator, self.run_config(), resumed_step=self.resumed_step,
                               run_ids=saved.get("tracker_run_ids"))
         self.uploader = self.checkpointer.uploader = start_uploader(args) if accelerator.is_main_process else None
-        self.window, self.stop_votes = LogWindow(accelerator.device), StopVotes(accelerator.device)
+        self.window, self.signals = LogWindow(accelerator.device), StepSignals(accelerator.device)
         self.fire("on_train_begin")
 
     def evaluate_and_save(self, step: int, last_step: bool) -> None:
@@ -193,6 +260,10 @@ class Trainer:
         run's first step is saved already, and evaluated unless a stop signal came first."""
         args, control = self.args, self.control
         resumed = step == self.resumed_step
+        if last_step or _every(step, args.save_every_steps) or _every(step, args.eval_every_steps) or (
+                control.should_save or control.should_evaluate or control.should_training_stop):
+            # The last step's signals, at once: a step that went bad stops the run before it is saved.
+            self.act_on(self.signals.drain())
         scheduled_eval = bool(self.eval_loader_factories) and (
             self.eval_pending if resumed else last_step or _every(step, args.eval_every_steps))
         # After a signal there is no time for an evaluation: the checkpoint says it is pending, for the resumed run.
@@ -231,8 +302,8 @@ class Trainer:
         self.callbacks.fire(event, self.args, self.state, self.control, **kwargs)
 
     def run_config(self) -> dict[str, Any]:
-        return {"args": self.args.to_sanitized_dict(), "provenance": provenance(), "total_steps": self.total_steps,
-                "world_size": self.accelerator.num_processes}
+        return {"args": self.args.to_sanitized_dict(), "model": self.model_info, "provenance": provenance(),
+                "total_steps": self.total_steps, "world_size": self.accelerator.num_processes}
 
     def resume(self) -> dict[str, Any]:
         """Restores the checkpoint named by --resume_from_checkpoint; returns its trainer state ({} when starting
@@ -250,6 +321,7 @@ class Trainer:
             return {**saved, "path": str(path)}
         saved = self.checkpointer.load(path, optimizers=self.optim, loader=self.train_loader)
         self.checkpointer.restore_rng(path)
+        self.last_checkpoint = path
         if self.accelerator.is_main_process:
             checkpoint.set_aside_steps_after(args.output_dir, saved["step"])
         logger.info("Resumed from %s at step %d.", path, saved["step"])
@@ -268,6 +340,7 @@ class Trainer:
                  "run_state": self.state.state_dict(), "callbacks": self.callbacks.state_dict(),
                  "eval_pending": eval_pending, "final": final, **self.run_config()}
         path = self.checkpointer.save(step, optimizers=self.optim, loader=self.train_loader, state=state, final=final)
+        self.last_checkpoint = path
         self.fire("on_save", checkpoint=path)
 
     def stop_for_signal(self, guard: PreemptionGuard) -> None:
@@ -286,9 +359,12 @@ class Trainer:
                 self.uploader.close(timeout=upload_timeout)
                 self.uploader = None
         finally:
-            if self.run_log is not None:
-                self.run_log.close()
-                self.run_log = None
+            try:
+                if self.run_log is not None:
+                    self.run_log.close()
+                    self.run_log = None
+            finally:
+                self.lock.release()
 
     def print_summary(self) -> None:
         if self.accelerator.is_main_process:
@@ -327,6 +403,10 @@ class Trainer:
                                        z_loss_coefficient=self.args.z_loss_coefficient)
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
         self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
+        if hasattr(self.training_model, "_get_fsdp_state"):  # fully_shard-ed: say which policy it really runs
+            policy = self.training_model._get_fsdp_state()._mp_policy
+            logger.info("FSDP2 mixed precision: parameters %s, gradient reduction %s, output %s.",
+                        policy.param_dtype, policy.reduce_dtype, policy.output_dtype)
         check_tied_weights(self.model)
         self.forward_loss = compile_model(self.training_model, self.model, self.args)
         self.total_steps = total_steps
@@ -336,6 +416,9 @@ class Trainer:
         # The uploader starts with the session (Trainer.begin): resuming a finished run uploads nothing.
         self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, None, model=self.training_model,
                                                     base_model=self.model, tokenizer=self.tokenizer)
+        if self.accelerator.is_main_process:
+            checkpoint.check_free_space(self.args.output_dir,
+                                        checkpoint.checkpoint_bytes_estimate(self.model, self.args.output_dir))
 
     def kernel_kwargs(self) -> dict[str, Any]:
         if self.loss_path == "cut_cross_entropy":
@@ -371,12 +454,12 @@ class Trainer:
         # Without clipping, an infinite bound clips nothing and still returns the total norm, which is logged.
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        # Every process's share of the loss, summed: the global mean, so that all of them judge the same values.
+        losses = accelerator.reduce(torch.stack([step_loss, step_z_loss]), reduction="sum")
+        nonfinite = ~(torch.isfinite(losses).all() & torch.isfinite(grad_norm))
         learning_rates = self.optim.learning_rates()
-        for optimizer, scheduler in zip(self.optim.optimizers, self.optim.schedulers):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        return StepResult(torch.stack([step_loss, step_z_loss]), grad_norm, learning_rates, stop_votes, data_seconds)
+        self.optim.step(skip=nonfinite)
+        return StepResult(losses, grad_norm, learning_rates, stop_votes, nonfinite, data_seconds)
 
     def finish_first_step(self, window: LogWindow) -> float:
         """The first step compiles; its time is reported on its own and kept out of the throughput."""
@@ -388,12 +471,13 @@ class Trainer:
 
     def train_log_values(self, window: LogWindow, step: int) -> dict[str, float]:
         accelerator = self.accelerator
-        loss, z_loss = (accelerator.reduce(window.loss_sum, reduction="sum") / window.steps).tolist()
+        loss, z_loss = window.mean_losses()
         values = {
             "train_loss": loss,
             **({"train_z_loss": z_loss} if self.args.z_loss_coefficient else {}),
             **window.learning_rates,
             "grad_norm": float(window.grad_norm),
+            **({"skipped_steps": len(self.state.skipped_steps)} if self.state.skipped_steps else {}),
             "tokens": step * self.args.tokens_per_step,
             **getattr(self.train_loader, "progress", dict)(),  # epoch; tokens and epoch per source of a mixture
             **(report(self.train_metrics, accelerator, "train_") if self.train_metrics_on else {}),
@@ -429,6 +513,26 @@ class Trainer:
             values.update(report(self.eval_metrics, self.accelerator, prefix))
         self.training_model.train()
         return values
+
+
+def fsdp_plugin(bf16: bool) -> Any:
+    """Under FSDP (as `accelerate launch` announces it), the plugin with torchtitan's mixed precision: bf16
+    parameters for compute, but gradients reduce-scattered and the forward's output (the loss) in fp32, as DDP
+    reduces them. Accelerate's own bf16 policy does all three in bf16, which rounds the logged loss to bf16 and sums
+    the processes' gradients in bf16. Accelerate's config file has no key for the policy; None leaves Accelerate to
+    read its plugin from the environment as usual."""
+    if not bf16 or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        return None  # FSDP1 keeps Accelerate's policy: timl's checkpoints and tests are for FSDP2
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                         output_dtype=torch.float32)
+    return plugin
 
 
 def start_uploader(args: TrainingArguments) -> Any:

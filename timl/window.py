@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ class StepResult:
     grad_norm: torch.Tensor
     learning_rates: dict[str, float]
     stop_votes: torch.Tensor
+    nonfinite: torch.Tensor  # whether the loss or the grad norm was NaN or inf (the same on every process)
     data_seconds: float
+
+    def signals(self) -> torch.Tensor:
+        """What the host must act on, read one step late (StepSignals): stop votes, non-finite, loss, grad norm."""
+        return torch.stack([self.stop_votes.float(), self.nonfinite.float(), self.loss[0].float(),
+                            self.grad_norm.float()])
 
 
 class LogWindow:
@@ -29,7 +36,9 @@ class LogWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros(2, device=self.device)  # cross-entropy and z-loss
+        # Cross-entropy and z-loss summed over the finite steps, and their count: a skipped step's NaN stays out.
+        self.loss_sum = torch.zeros(2, device=self.device)
+        self.finite_steps = torch.zeros((), device=self.device)
         self.steps = 0
         self.restart_clock()
 
@@ -39,11 +48,17 @@ class LogWindow:
         self.start = time.perf_counter()
 
     def add(self, result: StepResult) -> None:
-        self.loss_sum += result.loss
+        self.loss_sum += torch.where(result.nonfinite, 0.0, result.loss)
+        self.finite_steps += (~result.nonfinite).float()
         self.grad_norm, self.learning_rates = result.grad_norm, result.learning_rates
         self.steps += 1
         self.timed_steps += 1
         self.data_seconds += result.data_seconds
+
+    def mean_losses(self) -> list[float]:
+        """The window's mean cross-entropy and z-loss over its finite steps (NaN if it had none)."""
+        finite_steps = self.finite_steps.item()
+        return (self.loss_sum / finite_steps).tolist() if finite_steps else [math.nan, math.nan]
 
     def train_seconds(self) -> float:
         # Called after the loss's .item(), so the device has finished the window's work.
@@ -59,35 +74,39 @@ class LogWindow:
             self.excluded_seconds += time.perf_counter() - start
 
 
-class StopVotes:
-    """The processes' count of stop votes, each step's read on the host one step later.
+class StepSignals:
+    """Each step's signals for the host (stop votes, a non-finite loss or grad norm), read one step later.
 
-    Reading a step's own count (`.item()`) would make the host wait for the GPU to finish that step's all-reduce, and
-    leave the GPU idle until the host queued the next step: once every step. One step later, the copy to pinned memory
-    finished long ago while the next step is already queued, so the wait costs nothing. Every process reads the same
-    all-reduced count after the same step, so all of them still stop together, one step after the vote."""
+    Reading a step's own values (`.item()`) would make the host wait for the GPU to finish that step, and leave the
+    GPU idle until the host queued the next step: once every step. One step later, the copy to pinned memory
+    finished long ago while the next step is already queued, so the wait costs nothing. The values are the same on
+    every process (all-reduced), so all of them act on them after the same step. Before a save, `drain` reads the
+    last step's at once: nothing is saved after a step that went bad."""
 
     def __init__(self, device: torch.device):
-        # Two pinned buffers in turn: one holds the count being read while the other receives the next.
-        self.pinned = [torch.zeros((), pin_memory=True) for _ in range(2)] if device.type == "cuda" else None
-        self.queued: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
-        self.count = 0
+        self.cuda = device.type == "cuda"
+        self.pinned: torch.Tensor | None = None  # the one buffer: push reads the previous values before reusing it
+        self.queued: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
 
-    def swap(self, votes: torch.Tensor) -> bool:
-        """Queues this step's count for the host; returns whether the previous step's count asked to stop."""
-        previous = self.queued
-        if self.pinned is None:
-            self.queued = (votes, None)  # on the CPU the count is already on the host
+    def push(self, step: int, signals: torch.Tensor) -> tuple[int, list[float]] | None:
+        """Queues step `step`'s signals; returns the previous step's (its number and values), if any."""
+        previous = self.drain()
+        if not self.cuda:
+            self.queued = (step, signals, None)  # on the CPU the values are already on the host
         else:
-            host = self.pinned[self.count % 2]
-            host.copy_(votes, non_blocking=True)
+            if self.pinned is None:
+                self.pinned = torch.zeros(signals.shape, pin_memory=True)
+            self.pinned.copy_(signals, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
-            self.queued = (host, copied)
-        self.count += 1
-        if previous is None:
-            return False
-        host, copied = previous
+            self.queued = (step, self.pinned, copied)
+        return previous
+
+    def drain(self) -> tuple[int, list[float]] | None:
+        """The queued step's number and values, now (waiting for the copy if needed); nothing stays queued."""
+        if self.queued is None:
+            return None
+        (step, host, copied), self.queued = self.queued, None
         if copied is not None:
             copied.synchronize()
-        return host.item() > 0
+        return step, host.tolist()
