@@ -94,13 +94,14 @@ def relative_gap(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 def test_fsdp_reduces_gradients_in_fp32_and_logs_the_loss_of_ddp_not_rounded_to_bf16(shards, tmp_path):
-    """FSDP2 computes in bf16 but reduces gradients and returns the loss in fp32 (the policy read back from the
-    sharded model), so its logged loss follows DDP's within bf16 compute noise and is not rounded to bf16."""
+    """FSDP2 computes in bf16 but reduces gradients in fp32 and leaves the loss in the fp32 it is computed in (the
+    policy read back from the sharded model), so its logged loss follows DDP's within bf16 compute noise and is not
+    rounded to bf16."""
     fsdp_log = finish(launch(argv(shards, tmp_path / "fsdp", "llama"), fsdp=True))
     finish(launch(argv(shards, tmp_path / "ddp", "llama"), fsdp=False))
     finish(launch(argv(shards, tmp_path / "ddp_again", "llama", "--seed", "1"), fsdp=False))
-    assert ("FSDP2 mixed precision: parameters torch.bfloat16, gradient reduction torch.float32, output "
-            "torch.float32") in fsdp_log
+    assert ("FSDP2 mixed precision: parameters torch.bfloat16, gradient reduction torch.float32, outputs as "
+            "computed") in fsdp_log
     fsdp, ddp, other_seed = (losses(tmp_path / name) for name in ("fsdp", "ddp", "ddp_again"))
     on_bf16_grid = [step for step, loss in fsdp.items() if torch.tensor(loss).bfloat16().item() == loss]
     gap, seed_gap = relative_gap(fsdp, ddp), relative_gap(other_seed, ddp)

@@ -527,7 +527,7 @@ def test_with_two_processes_a_nan_on_one_rank_stops_both_at_the_same_step(data):
     assert strict_json_records(output_dir)[2]["train_loss"] is None
 
 
-def test_under_fsdp2_gradients_reduce_and_the_loss_comes_out_in_fp32(monkeypatch):
+def test_under_fsdp2_gradients_reduce_in_fp32_and_outputs_are_not_cast(monkeypatch):
     """Accelerate's own bf16 policy reduces gradients and returns the loss in bf16; timl's plugin keeps bf16 for
     compute alone, as torchtitan does. (The policy the sharded model really runs is checked on the GPU.)"""
     from timl.trainer import fsdp_plugin
@@ -535,8 +535,7 @@ def test_under_fsdp2_gradients_reduce_and_the_loss_comes_out_in_fp32(monkeypatch
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     policy = fsdp_plugin(bf16=True).mixed_precision_policy
-    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
-                                                                              torch.float32)
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
     assert fsdp_plugin(bf16=False) is None  # fp32 throughout: nothing to choose
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert fsdp_plugin(bf16=True) is None

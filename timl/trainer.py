@@ -405,8 +405,8 @@ class Trainer:
         self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
         if hasattr(self.training_model, "_get_fsdp_state"):  # fully_shard-ed: say which policy it really runs
             policy = self.training_model._get_fsdp_state()._mp_policy
-            logger.info("FSDP2 mixed precision: parameters %s, gradient reduction %s, output %s.",
-                        policy.param_dtype, policy.reduce_dtype, policy.output_dtype)
+            logger.info("FSDP2 mixed precision: parameters %s, gradient reduction %s, outputs %s.",
+                        policy.param_dtype, policy.reduce_dtype, policy.output_dtype or "as computed")
         check_tied_weights(self.model)
         self.forward_loss = compile_model(self.training_model, self.model, self.args)
         self.total_steps = total_steps
@@ -454,6 +454,8 @@ class Trainer:
         # Without clipping, an infinite bound clips nothing and still returns the total norm, which is logged.
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: the same whole norm on every rank
+            grad_norm = grad_norm.full_tensor()
         # Every process's share of the loss, summed: the global mean, so that all of them judge the same values.
         losses = accelerator.reduce(torch.stack([step_loss, step_z_loss]), reduction="sum")
         nonfinite = ~(torch.isfinite(losses).all() & torch.isfinite(grad_norm))
@@ -517,10 +519,12 @@ class Trainer:
 
 def fsdp_plugin(bf16: bool) -> Any:
     """Under FSDP (as `accelerate launch` announces it), the plugin with torchtitan's mixed precision: bf16
-    parameters for compute, but gradients reduce-scattered and the forward's output (the loss) in fp32, as DDP
-    reduces them. Accelerate's own bf16 policy does all three in bf16, which rounds the logged loss to bf16 and sums
-    the processes' gradients in bf16. Accelerate's config file has no key for the policy; None leaves Accelerate to
-    read its plugin from the environment as usual."""
+    parameters for compute, but gradients reduce-scattered in fp32, as DDP reduces them, and outputs left in the
+    dtype they are computed in (the loss in fp32). Accelerate's own bf16 policy also casts every sharded module's
+    output to bf16, which rounds the logged loss to bf16, and sums the processes' gradients in bf16. (An fp32
+    output cast would not do either: each block's output would reach a norm outside the blocks, whose weights are
+    bf16, in fp32.) Accelerate's config file has no key for the policy; None leaves Accelerate to read its plugin
+    from the environment as usual."""
     if not bf16 or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -530,8 +534,7 @@ def fsdp_plugin(bf16: bool) -> Any:
         return None  # FSDP1 keeps Accelerate's policy: timl's checkpoints and tests are for FSDP2
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                                         output_dtype=torch.float32)
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return plugin
 
 
