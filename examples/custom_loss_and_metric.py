@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from timl.arguments import parse_args
-from timl.loader import IGNORE_INDEX
+from timl.losses import IGNORE_INDEX
 from timl.metrics import TokenAverage
 from timl.recipe import pretrain
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from timl.arguments import TrainingArguments, parse_args
-from timl.loader import IGNORE_INDEX, ShardLoader
+from timl.loader import ShardLoader
+from timl.losses import IGNORE_INDEX
 from timl.recipe import pretrain
 from timl.shards import list_shards, write_shard
 

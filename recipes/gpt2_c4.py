@@ -4,12 +4,10 @@
         --train_file_pattern "data/gpt2_c4/train_*.bin" --eval_file_pattern "data/gpt2_c4/validation_*.bin" ...
 
 The same flags work under torchrun and plain python; `python recipes/gpt2_c4.py args.yaml` reads them from a file.
+It is `timl train` (timl.recipe.main), as a script that launchers can start by path.
 """
 
-from timl.arguments import TrainingArguments, parse_args
-from timl.recipe import ModelArguments, exit_on_run_error, pretrain
+from timl.recipe import main
 
 if __name__ == "__main__":
-    model_args, training_args = parse_args(ModelArguments, TrainingArguments)
-    with exit_on_run_error():
-        pretrain(model_args, training_args)
+    main()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import timl.chunked_loss as chunked_loss
 from timl.chunked_loss import chunked_token_losses, default_chunk_rows, linear_cross_entropy, training_chunk_rows
-from timl.loader import IGNORE_INDEX
+from timl.losses import IGNORE_INDEX
 
 BATCH, SEQUENCE, WIDTH, ROWS = 2, 19, 16, 64
 """38 tokens: not a multiple of the chunk size 8 used below."""

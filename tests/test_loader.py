@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from timl.loader import IGNORE_INDEX, BatchLoader, ShardLoader
+from timl.loader import BatchLoader, ShardLoader
+from timl.losses import IGNORE_INDEX
 from timl.shards import ShardError, ShardInfo, write_shard
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from timl.loader import IGNORE_INDEX
+from timl.losses import IGNORE_INDEX
 from timl.metrics import Accuracy, CrossEntropy, Metric, Perplexity, report
 
 

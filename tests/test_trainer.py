@@ -26,10 +26,10 @@ from timl import checkpoint
 from timl.arguments import METRIC_SCHEDULERS, TrainingArguments, parse_args
 from timl.metrics import Accuracy, Perplexity
 from timl.optim import OptimizerSet
-from timl.recipe import ModelArguments, pretrain
+from timl.recipe import ModelArguments, make_model, pretrain
 from timl.run_folder import LOCK_FILE
 from timl.shards import write_shard
-from timl.trainer import NonFiniteLossError
+from timl.trainer import NonFiniteLossError, Trainer
 from timl.window import StepSignals
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,14 @@ def test_tiny_gpt2_learns_and_logs_every_field(data):
     assert (data_dir / "run" / "step40" / "trainer_state.json").exists()
     assert (data_dir / "run" / "main" / "model.safetensors").exists()
     assert (data_dir / "run" / "main" / "config.json").exists()
+
+
+def test_a_fresh_trainer_evaluates_before_training_and_writes_nothing(data):
+    data_dir, _ = data
+    args = tiny_args(data_dir)
+    values = Trainer(make_model(ModelArguments(config_overrides=TINY_GPT2), args), args).evaluate()
+    assert values["eval_loss"] == pytest.approx(np.log(64), rel=0.1)  # about ln(vocab) at initialisation
+    assert not (data_dir / "run").exists()
 
 
 def test_logged_eval_loss_equals_an_independent_cross_entropy_of_the_saved_model(data):
@@ -181,6 +189,19 @@ def test_the_original_command_line_runs_offline_in_debug_mode(tmp_path):
     assert [r["step"] for r in records if "train_loss" in r] == [1]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 1]
     assert (tmp_path / "out" / "main" / "model.safetensors").exists()
+
+
+def test_timl_train_is_the_original_command_line_under_a_launcher_too(data):
+    """`timl train` runs what recipes/gpt2_c4.py runs; `torchrun -m timl train` starts it on every process."""
+    data_dir, _ = data
+    argv = recipe_argv(data_dir, data_dir / "run", per_device=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "timl", "train", *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(data_dir / "run") if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((data_dir / "run" / "run_config.json").read_text())["world_size"] == 2
+    assert (data_dir / "run" / "main" / "model.safetensors").exists()
 
 
 def test_arguments_load_from_yaml(tmp_path):

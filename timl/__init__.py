@@ -9,7 +9,7 @@ from timl.shards import ShardError, ShardInfo, count_values, list_shards, read_h
 
 # Whatever needs torch, transformers or Accelerate loads on first use, so that `timl tokenize` starts quickly.
 _LAZY = {
-    "IGNORE_INDEX": "timl.loader",
+    "IGNORE_INDEX": "timl.losses",
     "BatchLoader": "timl.loader",
     "ShardLoader": "timl.loader",
     "Trainer": "timl.trainer",

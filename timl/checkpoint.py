@@ -44,6 +44,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from timl.collectives import all_ranks, from_rank_0, rank_and_world_size
+from timl.durable import (atomic_directory, publish_directory, remove_directory, synced_file, temporary_directory,
+                          temporary_path)
 from timl.manifest import REQUIRED_FILES, file_entry, verify, write_manifest
 from timl.train_state import (TRAINER_STATE, CheckpointError, export_hf_model, load_training_state, naming_file,
                               os_error_of, read_json, save_training_state, write_json, write_model_config)
@@ -58,34 +60,6 @@ STEP_FOLDER = re.compile(r"step(\d+)")
 # What the data order and the meaning of a step depend on: a checkpoint continues only the same values. (The world
 # size may change: the loader's state is a stream position. The data itself is checked by the loader's state.)
 DATA_ORDER_KEYS = ("block_size", "train_batch_size")
-
-
-def _fresh_temporary(directory: Path) -> Path:
-    temporary = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    return temporary
-
-
-def publish(temporary: Path, directory: Path) -> None:
-    """fsyncs every file of `temporary`, then renames it to `directory`, replacing any old one."""
-    for path in temporary.iterdir():
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-    if directory.exists():
-        # A folder cannot be renamed over a non-empty one: move the old one aside first, then drop it.
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(temporary, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(temporary, directory)
-    fd = os.open(directory.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -203,13 +177,6 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
                               f"{unexpected}). Use the same model and config as the run that saved them.")
 
 
-def _write_durably(path: Path, value: Any) -> None:
-    with naming_file(path), open(path, "wb") as file:
-        torch.save(value, file)
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def check_shared_output_dir(output_dir: str | Path, *, local_rank: int, device: torch.device | str = "cpu") -> None:
     """Checks that every node sees the same output_dir: each rank writes its shard of a checkpoint there and rank 0
     publishes the folder, so on several nodes it must be a shared filesystem. Rank 0 writes a random token, and each
@@ -325,11 +292,12 @@ class Checkpointer:
         """Writes step{step}/ (and main/ when `final`). A failure on any rank raises CheckpointSaveError on every rank
         and leaves no unfinished folder behind."""
         directory = self.output_dir / f"step{step}"
-        temporary = directory.with_name(f".{directory.name}.tmp")
+        temporary = temporary_path(directory, per_process=False)
         trainer_state = {**state, "step": step, "world_size": self.accelerator.num_processes,
                          "optimizers": optimizers.names}
         try:
-            self._on_every_rank(directory, lambda: _fresh_temporary(directory), main_only=True)
+            self._on_every_rank(directory, lambda: temporary_directory(directory, per_process=False),
+                                main_only=True)
             written = self._on_every_rank(directory, lambda: self._write_rank_files(temporary, optimizers, loader))
             hashed = {name: entry for entries in written for name, entry in entries.items()}
             self._on_every_rank(directory, lambda: self._complete(directory, hashed, trainer_state, final),
@@ -362,22 +330,23 @@ class Checkpointer:
         rank = self.accelerator.process_index
         save_training_state(temporary, model=self.model, optimizers=optimizers.optimizers,
                             schedulers=optimizers.schedulers, base_model=self.base_model)
-        _write_durably(temporary / f"rng_state_{rank}.pt", rng_state())
-        write_json(temporary / f"loader_state_{rank}.json", loader.state_dict())
-        own = [*temporary.glob(f"__{rank}_*.distcp"), temporary / f"rng_state_{rank}.pt",
-               temporary / f"loader_state_{rank}.json"]
+        rng_file, loader_file = temporary / f"rng_state_{rank}.pt", temporary / f"loader_state_{rank}.json"
+        with naming_file(rng_file), synced_file(rng_file) as file:
+            torch.save(rng_state(), file)
+        write_json(loader_file, loader.state_dict())
+        own = [*temporary.glob(f"__{rank}_*.distcp"), rng_file, loader_file]
         return {path.name: file_entry(path) for path in own}
 
     def _complete(self, directory: Path, hashed: dict[str, dict[str, Any]], trainer_state: dict[str, Any],
                   final: bool) -> None:
         """On the main process: the shared files, the manifest, the marker; then publishes, exports, uploads, prunes."""
-        temporary = directory.with_name(f".{directory.name}.tmp")
+        temporary = temporary_path(directory, per_process=False)
         write_model_config(self.base_model, temporary)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(temporary)
         write_manifest(temporary, hashed)
         write_json(temporary / TRAINER_STATE, trainer_state)
-        publish(temporary, directory)
+        publish_directory(temporary, directory)
         self._upload(directory, directory.name)
         if final:
             self._upload(self.export(directory, self.output_dir / "main"), "main", final=True)
@@ -386,13 +355,8 @@ class Checkpointer:
     @staticmethod
     def export(checkpoint_dir: Path, destination: Path) -> Path:
         """Exports a checkpoint's model to `destination` as a Hugging Face folder, atomically."""
-        temporary = _fresh_temporary(destination)
-        try:
+        with atomic_directory(destination) as temporary:
             export_hf_model(checkpoint_dir, temporary)
-            publish(temporary, destination)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
         return destination
 
     def _upload(self, directory: Path, revision: str, final: bool = False) -> None:
@@ -408,10 +372,7 @@ class Checkpointer:
         for path in step_folders(self.output_dir)[:-limit]:
             if path == keep or path.resolve() in {p.resolve() for p in pending}:
                 continue
-            # Renamed first, so that a crash mid-delete leaves a hidden folder, not a step folder missing files.
-            doomed = path.with_name(f".{path.name}.deleting")
-            os.replace(path, doomed)
-            shutil.rmtree(doomed)
+            remove_directory(path)
             logger.info("Deleted %s (--save_total_limit %d).", path, limit)
 
     def load(self, path: Path, *, optimizers: Any, loader: Any) -> dict[str, Any]:

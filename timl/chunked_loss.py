@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from timl.loader import IGNORE_INDEX
-from timl.losses import finish_head
+from timl.losses import IGNORE_INDEX, finish_head
 
 LogitsConsumer = Callable[[torch.Tensor, torch.Tensor], None]
 """Called with each chunk's fp32 logits [rows, vocab_size] and its labels [rows], e.g. to count correct argmaxes."""

@@ -1,4 +1,5 @@
-"""The `timl` command: one subcommand per entry point, each also runnable as `python -m timl.<name>`."""
+"""The `timl` command: one subcommand per entry point. `python -m timl SUBCOMMAND` runs the same, which is how
+launchers start it on every process: `accelerate launch -m timl train ...`, `torchrun -m timl train ...`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 # Subcommand -> module whose main(argv) runs it. Modules are imported only when asked for, so `timl --help` is quick.
 SUBCOMMANDS = {
+    "train": ("timl.recipe", "pre-train a model on token shards (every flag of recipes/gpt2_c4.py)"),
     "tokenize": ("timl.tokenize", "turn a text dataset into token shards"),
     "plot": ("timl.plot", "draw PNG figures of runs from their metrics.jsonl"),
 }

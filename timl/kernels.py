@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from timl.loader import IGNORE_INDEX
+from timl.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

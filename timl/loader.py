@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from timl.collectives import rank_and_world_size
+from timl.losses import IGNORE_INDEX
 from timl.shards import ShardError, ShardInfo, list_shards
 
-IGNORE_INDEX = -100
 PAD_INPUT_ID = 0  # what padded positions of a last, partial batch feed the model; their labels are IGNORE_INDEX
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from timl.loader import IGNORE_INDEX
+IGNORE_INDEX = -100
+"""The label of a position with no target (cross-entropy's ignore_index): padding, and the token after the data's
+last. The loaders write it; every loss and metric skips it."""
 
 LOSS_PATHS = ("logits", "full", "chunked", "liger", "cut_cross_entropy")
 """How the training loss is computed. logits: from the model's own forward. full: the checked head's logits from

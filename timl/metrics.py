@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from timl.loader import IGNORE_INDEX
+from timl.losses import IGNORE_INDEX
 
 
 @runtime_checkable

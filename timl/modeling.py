@@ -422,7 +422,11 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> str:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--activation_checkpointing: {type(model).__name__} does not support gradient "
                          f"checkpointing (transformers' supports_gradient_checkpointing is off).")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    non_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns it will go
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     return "activation checkpointing per block"
 
 

@@ -1,5 +1,5 @@
 """What every recipe shares: the model arguments, and building (or loading) the model before handing it to the
-Trainer."""
+Trainer; and `timl train`, the original timl's command line (recipes/gpt2_c4.py launches the same)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,13 @@ def exit_on_run_error() -> Iterator[None]:
         if os.environ.get("RANK", "0") == "0":
             print(f"\ntiml: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`timl train [FLAGS | args.yaml | args.json]`: builds the model the flags describe and pre-trains it."""
+    from timl.arguments import parse_args
+
+    model_args, training_args = parse_args(ModelArguments, TrainingArguments, argv=argv)
+    with exit_on_run_error():
+        pretrain(model_args, training_args)
+    return 0

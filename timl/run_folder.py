@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
 
+from timl.durable import remove_directory
 from timl.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ def clear_previous_run(output_dir: str | Path) -> list[Path]:
     removed = run_entries(output_dir, RUN_ENTRY)
     for path in removed:
         if path.is_dir():
-            # Renamed first, so that a crash mid-delete leaves a hidden folder, not a step folder missing files.
-            doomed = path.with_name(f".{path.name.lstrip('.')}.deleting")
-            os.replace(path, doomed)
-            shutil.rmtree(doomed)
+            remove_directory(path)
         else:
             path.unlink()
     if removed:

@@ -13,6 +13,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from timl.arguments import TrainingArguments
+from timl.durable import atomic_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class RunLog:
         self.path = Path(args.output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            (self.path.parent / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            write_json(self.path.parent / "run_config.json", config)
             # A fresh start keeps nothing of an earlier attempt (one that crashed before its first checkpoint).
             self._forget_after(resumed_step if resumed_step is not None else -1)
         if args.trackers:
@@ -63,9 +64,8 @@ class RunLog:
         if not self.path.exists():
             return
         lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text("".join(line + "\n" for line in lines))
-        os.replace(temporary, self.path)
+        with atomic_file(self.path, "w") as file:
+            file.write("".join(line + "\n" for line in lines))
 
     def run_ids(self) -> dict[str, str]:
         """The trackers' run ids, saved in checkpoints so that a resumed run continues the same runs."""

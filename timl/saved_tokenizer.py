@@ -18,15 +18,14 @@ import glob
 import inspect
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from timl.durable import publish_file, temporary_directory
 from timl.encoders import (TIKTOKEN_EOT, TextEncoder, TiktokenEncoder, TokenizersEncoder, TransformersEncoder,
                            gpt2_bpe_files, load_tiktoken_encoding)
-from timl.shards import publish_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -115,8 +114,9 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase | str | os.PathLike, direc
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # A hidden folder inside the destination: same file system, so each rename is atomic; no shard glob matches it.
-    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=directory))
+    # Inside the destination, so each rename stays on one filesystem; per process, as parallel tokenize jobs that
+    # share a cache_dir each save the tokenizer.
+    staging = temporary_directory(directory / "tokenizer", per_process=True)
     try:
         tokenizer.save_pretrained(staging)
         names = sorted((path.name for path in staging.iterdir()), key=lambda name: name == "tokenizer_config.json")

@@ -24,6 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from timl.durable import atomic_file
+
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
@@ -122,15 +124,6 @@ def count_values(pattern: str | os.PathLike, kind: ShardKind = "tokens") -> int:
     return sum(info.num_values for info in list_shards(pattern, kind))
 
 
-def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
-    """The smallest token dtype that holds every id of a vocab of this size."""
-    if vocab_size <= 2**16:
-        return np.dtype("<u2")
-    if vocab_size <= 2**32:
-        return np.dtype("<u4")
-    raise ShardError(f"A vocab of {vocab_size} ids does not fit in uint32 tokens.")
-
-
 def write_shard(path: str | os.PathLike, values: np.ndarray) -> None:
     """Writes values in the timl format, atomically: a reader sees the whole file or no file at all.
 
@@ -143,30 +136,6 @@ def write_shard(path: str | os.PathLike, values: np.ndarray) -> None:
         raise ShardError(f"{path}: a shard holds a 1-D array of uint16, uint32 or float32, not {values.dtype}{list(values.shape)}.")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:4] = (TIML_MAGIC, TIML_VERSION, dtype_ids[values.dtype], len(values))
-    # The temporary name starts with a dot and ends in .tmp, so no shard glob such as train_*.bin can match it.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(header.tobytes())
-            file.write(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
-        publish_file(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def publish_file(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Moves a finished temporary file to `path` durably: fsynced first, so a reader sees the whole file or none."""
-    with open(temporary, "rb") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(Path(path).parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable, so a power loss cannot leave the directory without the new file.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_file(path) as file:
+        file.write(header.tobytes())
+        file.write(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())

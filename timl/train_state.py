@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from timl import durable
 from timl.collectives import is_distributed
 from timl.errors import RunError
 
@@ -84,11 +85,10 @@ def naming_file(path: str | os.PathLike) -> Iterator[None]:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Writes JSON and fsyncs it, so that a file published after it is never there without it."""
-    with naming_file(path), open(path, "w") as file:
-        file.write(json.dumps(value, indent=2, default=str) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    """Writes JSON in place and fsyncs it (see timl.durable.synced_file): for a file of a checkpoint folder, which is
+    published whole. Errors name the file."""
+    with naming_file(path):
+        durable.write_json(path, value, open_file=durable.synced_file)
 
 
 def read_json(path: Path) -> Any:

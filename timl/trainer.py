@@ -124,6 +124,9 @@ class Trainer:
         self.preempted = False
         self.lock = RunLock(args.output_dir)
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run saved or resumed from
+        # Everything the run uses is built here, so that evaluate() works on a fresh Trainer.
+        self.train_loader = self.train_loader_factory(args, self.accelerator)
+        self.prepare(self.count_steps(self.train_loader))
 
     def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
                       train_metrics: Sequence[Metric]) -> list[str]:
@@ -161,8 +164,6 @@ class Trainer:
         args = self.args
         self.take_output_dir()
         try:
-            self.train_loader = self.train_loader_factory(args, self.accelerator)
-            self.prepare(self.count_steps(self.train_loader))
             saved = self.resume()
         except BaseException:
             self.lock.release()

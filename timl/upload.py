@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from timl.durable import TEMPORARY_SUFFIX, atomic_directory
+
 logger = logging.getLogger(__name__)
 
-IGNORE_PATTERNS = ("*.tmp",)
+IGNORE_PATTERNS = (f"*{TEMPORARY_SUFFIX}",)
 """Files never uploaded: leftovers of interrupted writes."""
 
 REDACTED = "<redacted>"
@@ -86,23 +88,9 @@ class LocalTarget:
         return f"LocalTarget({str(self.destination)!r})"
 
     def upload(self, folder: Path, revision: str) -> None:
-        # Copied into a hidden sibling and renamed into place, so that readers never see a half-written revision.
-        final = self.destination / revision
-        temporary, old = final.with_name(f".{revision}.partial"), final.with_name(f".{revision}.old")
-        for leftover in (temporary, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        shutil.copytree(folder, temporary, ignore=shutil.ignore_patterns(*IGNORE_PATTERNS), copy_function=_copy_durably)
-        if final.exists():
-            # A folder cannot be renamed over a non-empty one: the old revision moves aside first.
-            os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _copy_durably(source: str, destination: str) -> None:
-    shutil.copy2(source, destination)
-    with open(destination, "rb") as file:
-        os.fsync(file.fileno())
+        # Published as a whole folder, so that readers never see a half-written revision.
+        with atomic_directory(self.destination / revision) as temporary:
+            shutil.copytree(folder, temporary, ignore=shutil.ignore_patterns(*IGNORE_PATTERNS), dirs_exist_ok=True)
 
 
 def upload_target(hub_target: str | None, hub_model_id: str | None, hub_token: str | None = None,
