@@ -406,11 +406,26 @@ def test_an_exception_mid_run_closes_the_trackers_and_lets_pending_uploads_finis
     args = tiny_args(data_dir, max_train_steps=8, save_every_steps=4, eval_every_steps=0, train_batch_size=4,
                      push_to_hub=True, hub_target=str(uploads))
     factory = lambda args, accelerator: FailsAtBatch(train_loader(args, accelerator, vocab_size=64), 5)
+    from timl.callbacks import TrainerCallback
+
+    class RecordsErrors(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_error(self, args, state, control, *, error, **kwargs):
+            self.seen.append((state.step, str(error), bool(ended)))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seen.append("on_train_end")
+
+    recorder = RecordsErrors()
     with (open_gate_when_logged(tmp_path / "gate", "Waiting for 1 checkpoint upload(s) to finish"),
           pytest.raises(OSError, match="the disk went away")):
-        pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=factory)
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=factory,
+                 callbacks=[recorder])
     assert (uploads / "step4" / "model.safetensors").exists()
     assert ended == [True]
+    assert recorder.seen == [(5, "the disk went away", False)]  # once, before the trackers close; no on_train_end
     assert max(r["step"] for r in read_metrics(data_dir / "run")) == 5
 
 

@@ -8,6 +8,7 @@ The events, in the order a run fires them:
     on_evaluate      after each evaluation, with its values
     on_save          after each checkpoint, with its folder
     on_train_end     once, when the run ends or stops (not after an exception)
+    on_error         instead, once, when an exception ends the run (before the uploads' grace and the trackers close)
 
 Each gets `(args, state, control)`: the TrainingArguments, the run's TrainerState, and the TrainerControl through which
 it asks the loop to stop (a checkpoint is saved on the way out), to save now or to evaluate now. The loop reads the
@@ -116,6 +117,10 @@ class TrainerCallback:
         pass
 
     def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        pass
+
+    def on_error(self, args: Any, state: TrainerState, control: TrainerControl, *, error: BaseException,
+                 **kwargs: Any) -> None:
         pass
 
 

@@ -282,11 +282,24 @@ class Checkpointer:
     (the Hugging Face one), whose names and config the checkpoint keeps; `tokenizer`, if given, is saved beside them.
     """
 
-    def __init__(self, args: Any, accelerator: Any, uploader: Any = None, *, model: torch.nn.Module,
-                 base_model: torch.nn.Module | None = None, tokenizer: Any = None):
-        self.args, self.accelerator, self.uploader, self.tokenizer = args, accelerator, uploader, tokenizer
+    def __init__(self, args: Any, accelerator: Any, start_uploader: Callable[[], Any] | None = None, *,
+                 model: torch.nn.Module, base_model: torch.nn.Module | None = None, tokenizer: Any = None):
+        self.args, self.accelerator, self.tokenizer = args, accelerator, tokenizer
         self.model, self.base_model = model, base_model if base_model is not None else model
         self.output_dir = Path(args.output_dir)
+        self.start_uploader, self.uploader = start_uploader, None
+
+    def open_uploads(self) -> None:
+        """Starts the upload process (on the main process, if there is an uploader to start): when a session begins
+        to train, so that resuming a finished run uploads nothing."""
+        if self.start_uploader is not None and self.accelerator.is_main_process:
+            self.uploader = self.start_uploader()
+
+    def close_uploads(self, timeout: float | None) -> None:
+        """Waits for the pending uploads (at most `timeout` s; the failures are logged) and ends the process."""
+        if self.uploader is not None:
+            uploader, self.uploader = self.uploader, None
+            uploader.close(timeout=timeout)
 
     def save(self, step: int, *, optimizers: Any, loader: Any, state: dict[str, Any], final: bool = False) -> Path:
         """Writes step{step}/ (and main/ when `final`). A failure on any rank raises CheckpointSaveError on every rank

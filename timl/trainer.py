@@ -120,7 +120,6 @@ class Trainer:
         self.callbacks = CallbackHandler([ProgressBar(), *early_stopping, *callbacks])
         self.control = TrainerControl()
         self.run_log: RunLog | None = None
-        self.uploader: Any = None
         self.preempted = False
         self.lock = RunLock(args.output_dir)
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run saved or resumed from
@@ -185,9 +184,13 @@ class Trainer:
                     result = self.training_step(batches, guard.requested)
                     self.end_step(result)
                     self.act_on(self.signals.push(self.state.step, result.signals()))
-        except BaseException:
+        except BaseException as error:
             # What was saved stays whole: the pending uploads get the preemption grace, the trackers are closed.
-            self.close(upload_timeout=args.preemption_upload_seconds)
+            try:
+                if hasattr(self, "state"):  # the session had begun: the callbacks have a state to see
+                    self.fire("on_error", error=error)
+            finally:
+                self.close(upload_timeout=args.preemption_upload_seconds)
             raise
         self.fire("on_train_end")
         self.close(upload_timeout=args.preemption_upload_seconds if self.preempted else None)
@@ -252,7 +255,7 @@ class Trainer:
         self.eval_pending = saved.get("eval_pending", False)
         self.run_log = RunLog(args, accelerator, self.run_config(), resumed_step=self.resumed_step,
                               run_ids=saved.get("tracker_run_ids"))
-        self.uploader = self.checkpointer.uploader = start_uploader(args) if accelerator.is_main_process else None
+        self.checkpointer.open_uploads()
         self.window, self.signals = LogWindow(accelerator.device), StepSignals(accelerator.device)
         self.fire("on_train_begin")
 
@@ -356,9 +359,7 @@ class Trainer:
     def close(self, upload_timeout: float | None) -> None:
         """Waits for the pending uploads (at most `upload_timeout` s; failures are logged), then closes the trackers."""
         try:
-            if self.uploader is not None:
-                self.uploader.close(timeout=upload_timeout)
-                self.uploader = None
+            self.checkpointer.close_uploads(upload_timeout)
         finally:
             try:
                 if self.run_log is not None:
@@ -414,9 +415,10 @@ class Trainer:
         # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
         checkpoint.check_shared_output_dir(self.args.output_dir, local_rank=self.accelerator.local_process_index,
                                            device=self.accelerator.device)
-        # The uploader starts with the session (Trainer.begin): resuming a finished run uploads nothing.
-        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, None, model=self.training_model,
-                                                    base_model=self.model, tokenizer=self.tokenizer)
+        # Looked up when a session begins (Trainer.begin), so that resuming a finished run starts no upload process.
+        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, lambda: start_uploader(self.args),
+                                                    model=self.training_model, base_model=self.model,
+                                                    tokenizer=self.tokenizer)
         if self.accelerator.is_main_process:
             checkpoint.check_free_space(self.args.output_dir,
                                         checkpoint.checkpoint_bytes_estimate(self.model, self.args.output_dir))
