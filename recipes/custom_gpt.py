@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timl.arguments import TrainingArguments, parse_args
-from timl.recipe import exit_on_run_error
+from timl.recipe import recipe_process
 from timl.trainer import Trainer
 
 
@@ -82,5 +82,5 @@ class GPT(nn.Module):
 if __name__ == "__main__":
     model_config, training_args = parse_args(GPTConfig, TrainingArguments)
     torch.manual_seed(training_args.seed)
-    with exit_on_run_error():
+    with recipe_process():
         Trainer(GPT(model_config), training_args, model_info=asdict(model_config)).train()

@@ -15,7 +15,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from timl.arguments import TrainingArguments, parse_args
-from timl.recipe import ModelArguments, exit_on_run_error, pretrain
+from timl.recipe import ModelArguments, pretrain, recipe_process
 from timl.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
 
 
@@ -60,7 +60,7 @@ def with_shards(args: QuickstartArguments) -> QuickstartArguments:
 if __name__ == "__main__":
     model_args, training_args = parse_args(QuickstartModelArguments, QuickstartArguments)
     training_args = with_shards(training_args)
-    with exit_on_run_error():
+    with recipe_process():
         latest = pretrain(model_args, training_args)
     print(f"\nQuickstart done: eval loss {latest.get('eval_loss', float('nan')):.3f}. Checkpoints in "
           f"{training_args.output_dir}/ (load main/ with AutoModelForCausalLM.from_pretrained), metrics in "

@@ -15,7 +15,7 @@ import torch
 from conftest import TINY_GPT2
 from timl.arguments import TrainingArguments
 from timl.losses import next_token_loss
-from timl.recipe import ModelArguments, exit_on_run_error, pretrain
+from timl.recipe import ModelArguments, pretrain, recipe_process
 
 
 class NaNAtStep:
@@ -47,5 +47,5 @@ def train(data_dir: Path, output_dir: Path, bad_rank: int, bad_step: int, skip: 
 
 if __name__ == "__main__":
     data, output, rank, step, skip = sys.argv[1:6]
-    with exit_on_run_error():
+    with recipe_process():
         train(Path(data), Path(output), int(rank), int(step), int(skip))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -77,16 +78,21 @@ def pretrain(model_args: ModelArguments, args: TrainingArguments, **trainer_kwar
 
 
 @contextlib.contextmanager
-def exit_on_run_error() -> Iterator[None]:
-    """For a recipe's main: a RunError (a bad checkpoint, a failed save, a non-finite loss, an output folder in use)
-    ends the process with exit code 1 and its message alone, printed once, by the main process; its message already
-    says what happened and what to do, and a traceback would bury it."""
+def recipe_process() -> Iterator[None]:
+    """What a recipe's process does around its run. A RunError (a bad checkpoint, a failed save, a non-finite loss,
+    an output folder in use) ends the process with exit code 1 and its message alone, printed once, by the main
+    process: the message says what happened and what to do, and a traceback would bury it. And what the run left in
+    reference cycles is collected while the interpreter is whole: a DDP module and its gloo process group destroyed
+    during the interpreter's exit can abort the process ("terminate called without an active exception") after a run
+    that went well, and the launcher then reports a failure."""
     try:
         yield
     except RunError as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"\ntiml: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        gc.collect()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     from timl.arguments import parse_args
 
     model_args, training_args = parse_args(ModelArguments, TrainingArguments, argv=argv)
-    with exit_on_run_error():
+    with recipe_process():
         pretrain(model_args, training_args)
     return 0

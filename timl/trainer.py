@@ -415,8 +415,11 @@ class Trainer:
         # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
         checkpoint.check_shared_output_dir(self.args.output_dir, local_rank=self.accelerator.local_process_index,
                                            device=self.accelerator.device)
-        # Looked up when a session begins (Trainer.begin), so that resuming a finished run starts no upload process.
-        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator, lambda: start_uploader(self.args),
+        # Called when a session begins (Trainer.begin), so that resuming a finished run starts no upload process. A
+        # partial, not a lambda over self: a reference cycle would keep the DDP module, and its gloo process group,
+        # alive until the interpreter's exit, where destroying them can abort the process.
+        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator,
+                                                    functools.partial(start_uploader, self.args),
                                                     model=self.training_model, base_model=self.model,
                                                     tokenizer=self.tokenizer)
         if self.accelerator.is_main_process:
