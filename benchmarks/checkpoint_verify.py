@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import torch
 import xxhash
 
-from timl import checkpoint, manifest
-from timl.modeling import build_config, build_model
+from timl.checkpoint import manager as checkpoint, manifest
+from timl.model.build import build_config, build_model
 from timl.optim import OptimizerSet
 
 

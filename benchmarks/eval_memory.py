@@ -27,7 +27,7 @@ import torch
 from throughput import (MODELS, argument_parser, default_out, devices_line, error_text, exit_on_sigterm,
                         is_out_of_memory, log_tail, model_config, new_model, random_tokens, require_cuda, run_isolated,
                         timl_arguments, timl_trainer, versions_line, write_result)
-from timl.shards import write_shard
+from timl.data.shards import write_shard
 
 BLOCK_SIZE = 1024
 TRAIN_STEPS = 3

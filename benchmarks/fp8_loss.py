@@ -5,7 +5,7 @@ part, and the speed each gives.
                                   [--data-dir data/python_docs] [--out FILE]
 
 Every recipe trains the same model from the same seed on the same tokens through timl's Trainer, each in a process
-of its own: the embedded corpus (Python's own documentation in GPT-2 BPE, timl.tokenize.prepare_python_docs, about
+of its own: the embedded corpus (Python's own documentation in GPT-2 BPE, timl.data.tokenize.prepare_python_docs, about
 0.7M train tokens, so 300 steps of 8 × 1024 pass over it about 3.5 times), a Llama-shaped model of hidden size 1024,
 8 layers, 16 heads of 64 with 4 key/value heads, FFN 4096, GPT-2's vocab 50257 padded to 64 and tied embeddings
 (about 170M parameters); 1024-token sequences, AdamW at lr 6e-4 with 30 warm-up steps and cosine decay, bf16
@@ -30,8 +30,8 @@ import torch
 from throughput import (argument_parser, default_out, devices_line, exit_on_sigterm, log_tail, new_model,
                         read_metrics, require_cuda, run_isolated, timl_arguments, timl_trainer, versions_line,
                         write_result)
-from timl.modeling import build_config
-from timl.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
+from timl.model.build import build_config
+from timl.data.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
 
 MODEL_OVERRIDES = ("hidden_size=1024,intermediate_size=4096,num_hidden_layers=8,num_attention_heads=16,"
                    "num_key_value_heads=4,head_dim=64,vocab_size=50257,max_position_embeddings=1024,"

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-import timl.chunked_loss as chunked_loss
-from timl.losses import linear_cross_entropy
+import timl.loss.chunked as chunked_loss
+from timl.loss.cross_entropy import linear_cross_entropy
 
 SHAPES = {  # tokens, width, weight rows, vocab
     "llama-1b": (8 * 2048, 2048, 128256, 128256),

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from timl.arguments import TrainingArguments
-from timl.modeling import build_config, build_model
-from timl.trainer import Trainer
+from timl.config.arguments import TrainingArguments
+from timl.model.build import build_config, build_model
+from timl.train.trainer import Trainer
 
 OPTIMS = {"adamw_torch_fused": "AdamW", "muon": "Muon + AdamW"}
 

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--batch 32] [--steps 5]
 
-It runs the module timl trains (timl.kernels.CausalLMForTraining, vocab padded to 64, compiled with bf16 autocast,
+It runs the module timl trains (timl.model.kernels.CausalLMForTraining, vocab padded to 64, compiled with bf16 autocast,
 fused AdamW, clipping) and prints the kernels that take the most GPU time, grouped into matmuls, attention, and
 everything else.
 """
@@ -14,9 +14,9 @@ import argparse
 import torch
 from transformers import set_seed
 
-from timl.modeling import CausalLMForTraining, pad_vocab, read_head
-from timl.losses import next_token_loss
-from timl.modeling import build_config, build_model
+from timl.model.build import CausalLMForTraining, pad_vocab, read_head
+from timl.loss.cross_entropy import next_token_loss
+from timl.model.build import build_config, build_model
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import collections
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from timl.losses import next_token_loss
-from timl.modeling import CausalLMForTraining, read_head
+from timl.loss.cross_entropy import next_token_loss
+from timl.model.build import CausalLMForTraining, read_head
 
 
 SavedTensor = tuple[tuple[int, ...], str, int, bool]

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, set_seed
 
-from timl.modeling import build_config, build_model
-from timl.provenance import git_commit, library_versions
-from timl.shards import write_shard
-from timl.throughput import flops_per_token, peak_flops
+from timl.model.build import build_config, build_model
+from timl.report.provenance import git_commit, library_versions
+from timl.data.shards import write_shard
+from timl.report.throughput import flops_per_token, peak_flops
 
 SEED = 0
 LEARNING_RATE, WEIGHT_DECAY, ADAM_BETA2, MAX_GRAD_NORM = 6e-4, 0.1, 0.95, 1.0
@@ -58,7 +58,7 @@ LEARNING_RATE, WEIGHT_DECAY, ADAM_BETA2, MAX_GRAD_NORM = 6e-4, 0.1, 0.95, 1.0
 @dataclass(frozen=True)
 class ModelSpec:
     title: str
-    config_name: str  # for timl.modeling.build_config
+    config_name: str  # for timl.model.build.build_config
     config_overrides: str
     block_size: int
     batch: int  # default sequences a step
@@ -85,7 +85,7 @@ def new_model(config: PretrainedConfig, vocab_size: int | None = None) -> torch.
 
 
 def model_flops(config: PretrainedConfig, block_size: int) -> float:
-    """FLOPs per trained token of the unpadded model (timl.throughput), counted on a model without memory."""
+    """FLOPs per trained token of the unpadded model (timl.report.throughput), counted on a model without memory."""
     with torch.device("meta"):
         return flops_per_token(build_model(config), block_size)
 
@@ -129,7 +129,7 @@ class StepTimer:
 def timl_arguments(output_dir: str, train_pattern: str, block_size: int, batch: int, steps: int, log_every: int,
                    **flags: Any) -> Any:
     """timl's TrainingArguments with this benchmark's optimizer, compiled, no evaluation; `flags` change any."""
-    from timl.arguments import TrainingArguments
+    from timl.config.arguments import TrainingArguments
 
     settings = dict(
         output_dir=output_dir, train_file_pattern=train_pattern, eval_file_pattern=None, block_size=block_size,
@@ -141,7 +141,7 @@ def timl_arguments(output_dir: str, train_pattern: str, block_size: int, batch: 
 
 
 def timl_trainer(model: torch.nn.Module, args: Any) -> Any:
-    from timl.trainer import Trainer
+    from timl.train.trainer import Trainer
 
     trainer = Trainer(model, args)
     # The final checkpoint (about 15 GB for Llama-1B with its optimizer) is no part of what is measured.
@@ -564,7 +564,7 @@ def header_lines(run: dict[str, Any]) -> list[str]:
          "same seed, model and random tokens everywhere; each variant in its own process with cold compile caches"),
         (f"- MFU = tokens/s × (6N + 12·L·H·Q·T) / peak = tokens/s × {flops / 1e6:.1f} MFLOP / "
          f"{', '.join(f'{peak / 1e12:.0f}' for peak in peaks) or 'unknown'} TFLOP/s (N: matmul parameters of the "
-         "unpadded model, timl.throughput.flops_per_token; padding counts as no work)"),
+         "unpadded model, timl.report.throughput.flops_per_token; padding counts as no work)"),
         ("- peak GiB: torch.cuda.max_memory_allocated over the whole variant; first step: timl's first_step_seconds, "
          "else train begin to the end of step 1; data wait: timl's data_wait_fraction; loss: the last step's (timl: "
          "its last log line's); compiled graphs: Dynamo's count (0 means the variant ran eager)"),

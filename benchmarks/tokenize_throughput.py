@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from timl.corpus import python_docs_documents
-from timl.encoders import load_tiktoken_encoding
-from timl.tokenize import TokenizeArguments, tokenize_dataset
+from timl.data.corpus import python_docs_documents
+from timl.data.encoders import load_tiktoken_encoding
+from timl.data.tokenize import TokenizeArguments, tokenize_dataset
 
 _encoding = None
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from timl.arguments import parse_args
-from timl.callbacks import TrainerCallback
-from timl.recipe import pretrain
-from timl.shards import write_shard
+from timl.config.arguments import parse_args
+from timl.train.callbacks import TrainerCallback
+from timl.train.pretrain import pretrain
+from timl.data.shards import write_shard
 
 from small_run import SmallModelArguments, SmallRunArguments  # examples/small_run.py
 

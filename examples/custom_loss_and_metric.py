@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from timl.arguments import parse_args
-from timl.losses import IGNORE_INDEX
-from timl.metrics import TokenAverage
-from timl.recipe import pretrain
+from timl.config.arguments import parse_args
+from timl.loss.cross_entropy import IGNORE_INDEX
+from timl.report.metrics import TokenAverage
+from timl.train.pretrain import pretrain
 
 from small_run import SmallModelArguments, SmallRunArguments, with_default_data  # examples/small_run.py
 

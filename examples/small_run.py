@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass, field, replace
 
-from timl.arguments import TrainingArguments
-from timl.recipe import ModelArguments
-from timl.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
+from timl.config.arguments import TrainingArguments
+from timl.train.pretrain import ModelArguments
+from timl.data.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
 
 
 @dataclass

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from timl.arguments import TrainingArguments, parse_args
-from timl.loader import ShardLoader
-from timl.losses import IGNORE_INDEX
-from timl.recipe import pretrain
-from timl.shards import list_shards, write_shard
+from timl.config.arguments import TrainingArguments, parse_args
+from timl.data.loader import ShardLoader
+from timl.loss.cross_entropy import IGNORE_INDEX
+from timl.train.pretrain import pretrain
+from timl.data.shards import list_shards, write_shard
 
 from small_run import SmallModelArguments, SmallRunArguments, with_default_data  # examples/small_run.py
 

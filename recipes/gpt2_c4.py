@@ -4,10 +4,10 @@
         --train_file_pattern "data/gpt2_c4/train_*.bin" --eval_file_pattern "data/gpt2_c4/validation_*.bin" ...
 
 The same flags work under torchrun and plain python; `python recipes/gpt2_c4.py args.yaml` reads them from a file.
-It is `timl train` (timl.recipe.main), as a script that launchers can start by path.
+It is `timl train` (timl.train.pretrain.main), as a script that launchers can start by path.
 """
 
-from timl.recipe import main
+from timl.train.pretrain import main
 
 if __name__ == "__main__":
     main()

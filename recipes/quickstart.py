@@ -14,9 +14,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from timl.arguments import TrainingArguments, parse_args
-from timl.recipe import ModelArguments, pretrain, recipe_process
-from timl.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
+from timl.config.arguments import TrainingArguments, parse_args
+from timl.train.pretrain import ModelArguments, pretrain, recipe_process
+from timl.data.tokenize import PYTHON_DOCS_DIR, prepare_python_docs
 
 
 @dataclass

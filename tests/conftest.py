@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from timl.shards import write_shard
+from timl.data.shards import write_shard
 
 
 def write_token_shards(directory: Path, lengths: list[int], dtype: str = "uint16", prefix: str = "train", seed: int = 0):

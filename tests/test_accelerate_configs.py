@@ -38,8 +38,8 @@ def test_the_fsdp_config_wraps_each_models_own_block(model_type, monkeypatch):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from timl.losses import next_token_loss
-    from timl.modeling import CausalLMForTraining
+    from timl.loss.cross_entropy import next_token_loss
+    from timl.model.build import CausalLMForTraining
 
     settings = yaml.safe_load((CONFIGS[0].parent / "fsdp.yaml").read_text())["fsdp_config"]
     assert "fsdp_transformer_layer_cls_to_wrap" not in settings

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from timl.arguments import TrainingArguments
+from timl.config.arguments import TrainingArguments
 from timl.docs import readme_section
-from timl.recipe import ModelArguments
+from timl.train.pretrain import ModelArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
-from timl.shards import list_shards
+from timl.data.shards import list_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--config_overrides", TINY_GPT2, "--block_size", "16", "--train_batch_size", "8",

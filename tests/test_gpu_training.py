@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_metrics
-from timl.shards import list_shards, write_shard
+from timl.data.shards import list_shards, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -166,11 +166,11 @@ def test_kill_9_and_resume_continues_within_the_run_to_run_noise(shards, tmp_pat
 
 def test_the_steps_between_log_lines_make_no_host_sync(shards, tmp_path):
     """Between log lines the loop reads nothing from the GPU, the stop votes included (each step's are read one step
-    later, timl.window.StopVotes): a run of 24 steps makes as many synchronizing calls as one of 8."""
+    later, timl.report.window.StopVotes): a run of 24 steps makes as many synchronizing calls as one of 8."""
     import warnings
 
-    from timl.arguments import TrainingArguments
-    from timl.recipe import ModelArguments, pretrain
+    from timl.config.arguments import TrainingArguments
+    from timl.train.pretrain import ModelArguments, pretrain
 
     def synchronizing_calls(steps: int) -> collections.Counter:
         args = TrainingArguments(output_dir=str(tmp_path / f"run{steps}"),

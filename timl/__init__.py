@@ -5,26 +5,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from timl.shards import ShardError, ShardInfo, count_values, list_shards, read_header, write_shard
+from timl.data.shards import ShardError, ShardInfo, count_values, list_shards, read_header, write_shard
 
 # Whatever needs torch, transformers or Accelerate loads on first use, so that `timl tokenize` starts quickly.
 _LAZY = {
-    "IGNORE_INDEX": "timl.losses",
-    "BatchLoader": "timl.loader",
-    "ShardLoader": "timl.loader",
-    "Trainer": "timl.trainer",
-    "TrainerCallback": "timl.callbacks",
-    "TrainerControl": "timl.callbacks",
-    "TrainerState": "timl.callbacks",
-    "EarlyStopping": "timl.callbacks",
-    "TrainingArguments": "timl.arguments",
-    "parse_args": "timl.arguments",
-    "Metric": "timl.metrics",
-    "CrossEntropy": "timl.metrics",
-    "Perplexity": "timl.metrics",
-    "Accuracy": "timl.metrics",
-    "ModelArguments": "timl.recipe",
-    "pretrain": "timl.recipe",
+    "IGNORE_INDEX": "timl.loss.cross_entropy",
+    "BatchLoader": "timl.data.loader",
+    "ShardLoader": "timl.data.loader",
+    "Trainer": "timl.train.trainer",
+    "TrainerCallback": "timl.train.callbacks",
+    "TrainerControl": "timl.train.callbacks",
+    "TrainerState": "timl.train.callbacks",
+    "EarlyStopping": "timl.train.callbacks",
+    "TrainingArguments": "timl.config.arguments",
+    "parse_args": "timl.config.arguments",
+    "Metric": "timl.report.metrics",
+    "CrossEntropy": "timl.report.metrics",
+    "Perplexity": "timl.report.metrics",
+    "Accuracy": "timl.report.metrics",
+    "ModelArguments": "timl.train.pretrain",
+    "pretrain": "timl.train.pretrain",
 }
 
 

@@ -8,9 +8,9 @@ import sys
 
 # Subcommand -> module whose main(argv) runs it. Modules are imported only when asked for, so `timl --help` is quick.
 SUBCOMMANDS = {
-    "train": ("timl.recipe", "pre-train a model on token shards (every flag of recipes/gpt2_c4.py)"),
-    "tokenize": ("timl.tokenize", "turn a text dataset into token shards"),
-    "plot": ("timl.plot", "draw PNG figures of runs from their metrics.jsonl"),
+    "train": ("timl.train.pretrain", "pre-train a model on token shards (every flag of recipes/gpt2_c4.py)"),
+    "tokenize": ("timl.data.tokenize", "turn a text dataset into token shards"),
+    "plot": ("timl.report.plot", "draw PNG figures of runs from their metrics.jsonl"),
 }
 
 

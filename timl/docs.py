@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from timl.arguments import TrainingArguments
-from timl.recipe import ModelArguments
+from timl.config.arguments import TrainingArguments
+from timl.train.pretrain import ModelArguments
 
 START, END = "<!-- arguments:start -->", "<!-- arguments:end -->"
 

@@ -20,8 +20,8 @@ import torch
 from transformers import get_scheduler
 from transformers.pytorch_utils import Conv1D
 
-from timl.arguments import TrainingArguments
-from timl.modeling import output_layer
+from timl.config.arguments import TrainingArguments
+from timl.model.build import output_layer
 
 # A Muon group's lr over --muon_learning_rate, kept in the group (and so in checkpoints) for the logged rate.
 LR_SCALE = "lr_scale"

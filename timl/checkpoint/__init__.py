@@ -1,0 +1,1 @@
+"""Distributed checkpoints: durable writes, manifests, the manager, the run folder, Hub uploads."""

@@ -1,0 +1,1 @@
+"""Token shards, the resumable loaders and mixtures, and tokenization into shards."""

@@ -1,0 +1,1 @@
+"""Building and loading models, the checked output head, the training forward, optional kernels."""

@@ -1,0 +1,473 @@
+"""Models: built from a config or loaded with weights, their output head described and checked, vocab padding, and
+the training forward that returns the loss.
+
+The head is the one place where causal LMs differ in ways a fused loss must copy. Most compute `hidden @ W.T`; some
+add a bias (Phi), scale the logits (Cohere, Granite, Falcon-H1) or softcap them (Gemma-2 and 3). timl reads what it
+can from the model, then checks at start-up, on a probe, that the head it will train through gives the model's own
+logits. When it does not, training runs on the model's own logits and says so: never on a different loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from timl.loss import cross_entropy as losses
+from timl.checkpoint.state import write_model_config
+
+logger = logging.getLogger(__name__)
+
+# GPT-2's four sizes, as OpenAI released them; GPT2Config() alone is gpt2 (124M).
+GPT2_SIZES = {
+    "gpt2": {},
+    "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "gpt2-large": {"n_embd": 1280, "n_layer": 36, "n_head": 20},
+    "gpt2-xl": {"n_embd": 1600, "n_layer": 48, "n_head": 25},
+}
+# Shapes of well-known releases, built locally (no download): the weights are fresh either way.
+LOCAL_CONFIGS = {
+    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                   rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+}
+ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "flex_attention", "eager")
+
+
+def build_config(model_name: str, config_overrides: str | None = None, trust_remote_code: bool = False,
+                 flag: str = "--model_name") -> PretrainedConfig:
+    """A config by name: GPT-2 sizes and LOCAL_CONFIGS are built locally, as is any transformers model type
+    ("llama", "gemma2", ...) with its default sizes; anything else is a local folder or a Hub id.
+
+    `config_overrides` is transformers' run_clm syntax, e.g. "n_layer=2,n_embd=64"; the config is built again with
+    them (`_with_overrides`). A config that transformers would refuse to save is refused here, not at the first
+    checkpoint.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    key = model_name.removeprefix("openai-community/")
+    arguments = None  # the constructor arguments of a config built here
+    if key in GPT2_SIZES:
+        model_type, arguments = "gpt2", GPT2_SIZES[key]
+    elif key in LOCAL_CONFIGS:
+        model_type, arguments = LOCAL_CONFIGS[key]
+    elif key in CONFIG_MAPPING:
+        model_type, arguments = key, {}
+    if arguments is None:
+        config = _hub_call(AutoConfig.from_pretrained, model_name, flag, trust_remote_code=trust_remote_code)
+    else:
+        config = AutoConfig.for_model(model_type, **arguments)
+    if config_overrides:
+        config = _with_overrides(config, config_overrides, arguments)
+    error = _save_error(config.save_pretrained)
+    if error:
+        given = f"--config_overrides {config_overrides!r}" if config_overrides else f"{flag} {model_name!r}"
+        raise ValueError(f"{given}: transformers would refuse to save this {config.model_type} config, at the "
+                         f"run's first checkpoint: {error}")
+    return config
+
+
+def _with_overrides(config: PretrainedConfig, overrides: str, arguments: dict[str, Any] | None) -> PretrainedConfig:
+    """The config built again through its class, with the overrides among its constructor arguments, so that its
+    __init__ derives from them what it derives: layer_types from num_hidden_layers, head_dim from hidden_size, ....
+    Set on the built config (update_from_string), those would keep the old sizes' values, and transformers refuses
+    such a config only when the first checkpoint saves it.
+
+    `arguments` are what the config was built from; a loaded config (None: a folder or a Hub id) is built again from
+    its saved values (`_saved_arguments`).
+    """
+    updated = copy.deepcopy(config)
+    try:
+        # transformers types each value as the one it replaces, and refuses names the config lacks.
+        updated.update_from_string(overrides)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}") from None
+    names = [item.split("=")[0] for item in overrides.split(",")]
+    overridden = {updated.attribute_map.get(name, name): getattr(updated, name) for name in names}
+    if arguments is None:
+        arguments = _saved_arguments(config, getattr(updated, "num_hidden_layers", None))
+    try:
+        return type(config)(**{**arguments, **overridden})
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}") from None
+
+
+def _saved_arguments(config: PretrainedConfig, layers: int | None) -> dict[str, Any]:
+    """A loaded config's values, to build it again with `layers` layers: when that changes the layer count, less
+    the lists of one entry per old layer that its __init__ derives when they are absent (default None:
+    layer_types, mlp_layer_types, ...), so that it derives them for the new count as it would for a fresh config.
+
+    A saved list may hold a pattern set by hand, so it is kept while the layer count stays: only then can it still
+    be right. A field that __init__ does not derive is kept too; if it is now wrong, validation says so.
+    """
+    saved, saved_layers = config.to_dict(), getattr(config, "num_hidden_layers", None)
+    if layers == saved_layers:
+        return saved
+    derived = {field.name for field in dataclasses.fields(config) if field.default is None}
+    return {name: value for name, value in saved.items()
+            if not (name in derived and isinstance(value, list) and len(value) == saved_layers)}
+
+
+def check_config_saves(model: torch.nn.Module) -> None:
+    """Writes the model's config (and generation config) into a temporary folder as every checkpoint writes them,
+    so that a config transformers refuses to save stops the run at start-up, not at its first checkpoint."""
+    error = _save_error(lambda directory: write_model_config(model, directory))
+    if error:
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(f"The {model_type} model's config would fail at the first checkpoint save: {error}")
+
+
+def _save_error(write: Callable[[Path], Any]) -> Exception | None:
+    """What writing into a fresh temporary folder raises, if anything."""
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            write(Path(directory))
+        except Exception as error:  # anything a save would raise, for the caller to report with what to change
+            return error
+    return None
+
+
+def build_model(config: PretrainedConfig, attn_implementation: str | None = None,
+                trust_remote_code: bool = False) -> torch.nn.Module:
+    """A freshly initialised causal LM for the config: pre-training starts from scratch."""
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError) as error:
+        raise _attention_error(error, config.model_type, attn_implementation) from None
+
+
+def load_pretrained(name_or_path: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
+                    config_overrides: str | None = None) -> torch.nn.Module:
+    """A causal LM with its released or saved weights, for continued pre-training."""
+    config = build_config(name_or_path, config_overrides, trust_remote_code, flag="--from_pretrained")
+    try:
+        return _hub_call(AutoModelForCausalLM.from_pretrained, name_or_path, "--from_pretrained", config=config,
+                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError) as error:
+        raise _attention_error(error, config.model_type, attn_implementation) from None
+
+
+def _hub_call(function: Any, name: str, flag: str, **kwargs: Any) -> Any:
+    """Calls a from_pretrained; a name that is neither a folder nor reachable gets an error saying what to do."""
+    try:
+        return function(name, **kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {name!r}: not a local folder, and not found on the Hub or in its cache ({error}). Offline, "
+            f"download it beforehand (huggingface-cli download {name}) or pass a folder; a fresh model can also be "
+            f"built from a transformers model type such as 'llama' with --config_overrides.") from None
+
+
+def _attention_error(error: Exception, model_type: str, attn_implementation: str | None) -> ValueError:
+    if attn_implementation is None or "attn" not in str(error).lower() and "attention" not in str(error).lower():
+        return ValueError(str(error))
+    return ValueError(f"--attn_implementation {attn_implementation} does not work with {model_type}: {error} "
+                      f"Leave it unset to let transformers choose, or pick another of {', '.join(ATTENTION_CHOICES)}.")
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def real_vocab_size(model: torch.nn.Module) -> int | None:
+    """The vocab without padding, from the config (an object or, for custom models, a dict), if it says."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        return config.get("unpadded_vocab_size") or config.get("vocab_size")
+    return getattr(config, "unpadded_vocab_size", None) or getattr(config, "vocab_size", None)
+
+
+def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
+    """Pads the embeddings (and a tied or untied output head) to a multiple of `multiple` rows, for faster matmuls.
+
+    The config then states the padded size, so checkpoints load with from_pretrained; `unpadded_vocab_size` keeps
+    the real one, which the losses and metrics use.
+    """
+    real = real_vocab_size(model)
+    if real is None or real % multiple == 0:
+        return
+    model.resize_token_embeddings(real, pad_to_multiple_of=multiple, mean_resizing=False)
+    model.config.unpadded_vocab_size = real
+    logger.info("Padded the vocab from %d to %d rows.", real, model.config.vocab_size)
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the model does to `hidden @ weight.T` to make its logits: add `bias`, multiply by `scale`, then
+    softcap (`softcap · tanh(z / softcap)`)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    has_bias: bool = False
+
+    def describe(self) -> str:
+        parts = ["bias"] if self.has_bias else []
+        if self.scale != 1.0:
+            parts.append(f"scale {self.scale:g}")
+        if self.softcap is not None:
+            parts.append(f"softcap {self.softcap:g}")
+        return "matmul" + "".join(f" + {part}" for part in parts)
+
+
+def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The output projection's weight [vocab rows, hidden] and bias, or None if the model does not expose them."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        return head.weight, getattr(head, "bias", None)
+    if isinstance(getattr(model, "output_weight", None), torch.Tensor):
+        return model.output_weight, None
+    return None
+
+
+def read_head(model: torch.nn.Module) -> Head | None:
+    """The head as the model's attributes describe it, or None where the model has no hidden states and output
+    weight to fuse. `check_head` confirms it against the model's own logits."""
+    layer = output_layer(model)
+    if layer is None or not (hasattr(model, "base_model") or hasattr(model, "hidden_states")):
+        return None
+    config = getattr(model, "config", None)
+    scale = float(getattr(model, "logit_scale", None) or 1.0)  # Cohere keeps it on the model
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    inner = getattr(model, "base_model", None)
+    if getattr(inner, "lm_head_multiplier", None):  # Falcon-H1 multiplies
+        scale *= float(inner.lm_head_multiplier)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return Head(scale=scale, softcap=float(softcap) if softcap else None, has_bias=layer[1] is not None)
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's last hidden states: a custom model's `hidden_states(input_ids)`, or a Hugging Face model's
+    base model output."""
+    if hasattr(model, "hidden_states"):
+        return model.hidden_states(input_ids, **forward_kwargs)
+    return model.base_model(input_ids=input_ids, **forward_kwargs).last_hidden_state
+
+
+def model_outputs(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any],
+                  vocab_size: int | None) -> Any:
+    """The model's own outputs (with `.logits`), with the logits of padded vocab rows dropped."""
+    outputs = model(input_ids=input_ids, **forward_kwargs)
+    if isinstance(outputs, torch.Tensor):  # a custom model that returns its logits
+        outputs = SimpleNamespace(logits=outputs)
+    if vocab_size is not None and outputs.logits.shape[-1] > vocab_size:
+        outputs.logits = outputs.logits[..., :vocab_size]
+    return outputs
+
+
+def _without_cache(model: torch.nn.Module, forward_kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Training never reuses past keys and values: building the cache would only cost memory.
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        return {"use_cache": False, **forward_kwargs}
+    return dict(forward_kwargs)
+
+
+@torch.no_grad()
+def check_head(model: torch.nn.Module, head: Head, forward_kwargs: dict[str, Any], vocab_size: int | None,
+               length: int = 16, tolerance: float = 1e-4) -> str | None:
+    """Runs the model once on a fixed probe, in fp32 and eval mode, and compares its own logits with the head's
+    from its hidden states. Returns None when they agree, else what differs."""
+    forward_kwargs = _without_cache(model, forward_kwargs)
+    weight, bias = output_layer(model)
+    rows = vocab_size or weight.shape[0]
+    probe = torch.randint(0, rows, (1, length), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(weight.device.type, enabled=False):
+            own = model_outputs(model, probe, forward_kwargs, vocab_size).logits.float()
+            ours = losses.head_logits(hidden_states(model, probe, forward_kwargs), weight, bias, head.scale,
+                                      head.softcap)[..., :rows]
+    finally:
+        model.train(was_training)
+    if own.shape != ours.shape:
+        return f"the model's logits have shape {tuple(own.shape)}, the head's {tuple(ours.shape)}"
+    error = ((own - ours).norm() / own.norm().clamp(min=1e-30)).item()
+    if not math.isfinite(error) or error > tolerance:
+        return f"the head ({head.describe()}) is {error:.2e} off the model's own logits"
+    return None
+
+
+class CausalLMForTraining(torch.nn.Module):
+    """Wraps a causal LM so that one forward returns the training loss: what DDP or FSDP wraps and torch.compile
+    compiles, so the loss is compiled together with the model.
+
+    With a head path (`head` set), the decoder's last hidden states go through `losses.linear_cross_entropy` with
+    the checked head, by `loss_path`, and no logits are returned. Otherwise the model's own logits (padding columns
+    dropped) go to `loss_function(outputs, inputs, num_items_in_batch)`, and the outputs come back for the train
+    metrics when `return_outputs` is set. `evaluate` scores a batch without keeping full logits where it can.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_function: Any, loss_path: str, head: Head | None,
+                 loss_kwargs: dict[str, Any], forward_kwargs: dict[str, Any], return_outputs: bool,
+                 z_loss_coefficient: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.loss_function, self.loss_path, self.head, self.loss_kwargs = loss_function, loss_path, head, loss_kwargs
+        self.z_loss_coefficient = z_loss_coefficient
+        self.forward_kwargs = _without_cache(model, forward_kwargs)
+        self.return_outputs = return_outputs
+        self.vocab_size = real_vocab_size(model)
+        # FSDP (through Accelerate) wraps one unit per block class named here when its config names none.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+
+    def forward(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None,
+                metrics: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Returns this micro-batch's share of the global loss (z-loss included), of the z-loss alone, and the
+        outputs when asked for. With `metrics` (at evaluation), updates them instead and returns nothing: eval
+        runs through here so that DDP and FSDP see the forward of the module they wrap."""
+        if metrics is not None:
+            return self.score(inputs, metrics)
+        if self.head is not None:
+            weight, bias = output_layer(self.model)
+            cross_entropy, z_loss = losses.linear_cross_entropy(
+                hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, inputs["labels"],
+                bias=bias, scale=self.head.scale, softcap=self.head.softcap, vocab_size=self.vocab_size,
+                z_loss_coefficient=self.z_loss_coefficient, path=self.loss_path, kwargs=self.loss_kwargs)
+            return (cross_entropy + z_loss) / num_items_in_batch, z_loss.detach() / num_items_in_batch, None
+        outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+        loss = self.loss_function(outputs, inputs, num_items_in_batch)
+        z_loss = torch.zeros_like(loss)
+        if self.z_loss_coefficient:
+            _, z_loss = losses.cross_entropy_and_z_loss(outputs.logits.flatten(0, -2).float(),
+                                                        inputs["labels"].flatten(), self.z_loss_coefficient)
+            z_loss = z_loss / num_items_in_batch
+        return loss + z_loss, z_loss.detach(), outputs if self.return_outputs else None
+
+
+    def score(self, inputs: dict[str, torch.Tensor], metrics: list[Any]) -> Any:
+        """Updates the eval metrics on a batch. On a head path, the cross-entropy comes from the chunked head and
+        metrics that need logits see them a chunk of tokens at a time, so full logits never exist."""
+        from timl.report.metrics import CrossEntropy
+
+        if self.head is None:
+            outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+            for metric in metrics:
+                metric.update(outputs, inputs)
+            return None
+        weight, bias = output_layer(self.model)
+        labels = inputs["labels"].flatten()
+        by_logits = [metric for metric in metrics if not isinstance(metric, CrossEntropy)]
+
+        def update(logits: torch.Tensor, chunk_labels: torch.Tensor) -> None:
+            for metric in by_logits:
+                metric.update(SimpleNamespace(logits=logits), {"labels": chunk_labels})
+
+        token_losses = losses.token_cross_entropy(
+            hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, labels, bias=bias,
+            scale=self.head.scale, softcap=self.head.softcap, vocab_size=self.vocab_size,
+            logits_consumer=update if by_logits else None)
+        for metric in metrics:
+            if isinstance(metric, CrossEntropy):
+                metric.add(token_losses, labels)
+        return None
+
+
+def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.device, forward_kwargs: dict[str, Any],
+                     logits_needed_by: str | None = None) -> tuple[str, Head | None]:
+    """The loss path to train on and the checked head it goes through (None for the model's own logits).
+
+    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path: chunked on a GPU, full on the CPU).
+    Whatever is asked, a head that does not reproduce the model's own logits, or a custom loss or train metric that
+    needs the logits (`logits_needed_by`), sends training to the model's own logits, said once; an unavailable
+    fused kernel falls back to "auto".
+    """
+    from timl.model import kernels
+
+    if requested in kernels.PACKAGES:
+        reason = kernels.available(requested, device)
+        if reason:
+            logger.warning("%s: training on the %s loss path instead.", reason, "default")
+            requested = "auto"
+    if requested == "logits":
+        return "logits", None
+    if logits_needed_by:
+        if requested != "auto":
+            raise ValueError(f"The {requested} loss path makes no logits, which {logits_needed_by} needs: drop "
+                             f"one of them.")
+        return "logits", None
+    head = read_head(model)
+    if head is None:
+        if requested != "auto":
+            raise ValueError(f"The {requested} loss path needs the model's hidden states and output weight: a Hugging "
+                             f"Face causal LM, or a model with `hidden_states(input_ids)` and `output_weight`.")
+        return "logits", None
+    mismatch = check_head(model, head, forward_kwargs, real_vocab_size(model))
+    if mismatch:
+        logger.warning("Training on the model's own logits, not the %s loss path: %s. The loss is exact; only the "
+                       "memory and speed of a fused head are lost.", requested, mismatch)
+        return "logits", None
+    if requested == "auto":
+        # On a GPU the chunked head is as fast as the one-piece head and holds a fraction of its memory
+        # (benchmarks/loss_head.py); on the CPU, where its chunk maths runs uncompiled, the one-piece head is faster.
+        requested = "chunked" if device.type == "cuda" else "full"
+    return requested, head
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> str:
+    """Recomputes each transformer block in the backward (non-reentrant, so it composes with DDP, FSDP and
+    torch.compile)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--activation_checkpointing: {type(model).__name__} does not support gradient "
+                         f"checkpointing (transformers' supports_gradient_checkpointing is off).")
+    non_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns it will go
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+    return "activation checkpointing per block"
+
+
+def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: Any) -> torch.nn.Module:
+    """What the training step calls: the prepared module compiled whole (autocast, model and loss in one graph),
+    or, with --regional_compilation, each transformer block compiled in place (one graph that every block
+    reuses), or the module as it is."""
+    if not args.torch_compile:
+        return training
+    options = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
+    import torch._functorch.config as functorch_config
+
+    # Both are read by AOTAutograd's partitioner when the first step compiles; one training run per process.
+    if args.activation_memory_budget is not None:
+        functorch_config.activation_memory_budget = args.activation_memory_budget
+    if args.compile_recompute_pointwise:
+        if not hasattr(functorch_config, "ban_recompute_materialized_backward"):
+            raise ValueError(f"--compile_recompute_pointwise: torch {torch.__version__} has no "
+                             f"torch._functorch.config.ban_recompute_materialized_backward")
+        functorch_config.ban_recompute_materialized_backward = False
+    if not args.regional_compilation:
+        return torch.compile(training, **options)
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"--regional_compilation: {type(model).__name__} names no transformer block class "
+                         f"(_no_split_modules); use whole-model --torch_compile.")
+    for block in blocks:
+        block.compile(**options)
+    logger.info("Compiled %d %s blocks one by one.", len(blocks), "/".join(sorted(block_names)))
+    return training
+
+
+def check_tied_weights(model: torch.nn.Module) -> None:
+    """Refuses to train a model whose config ties the output head to the input embedding but whose two weights
+    are now separate tensors (a wrapper that re-created parameters): the head would silently never train."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_input_embeddings"):
+        return
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embedding is not None and head.weight is not embedding.weight:
+        raise RuntimeError(f"{type(model).__name__} ties its output head to its input embedding, but after "
+                           f"Accelerate's prepare they are two tensors: the head would never train. With FSDP, set "
+                           f"fsdp_cpu_ram_efficient_loading: false (accelerate_configs/fsdp.yaml does).")

@@ -1,0 +1,1 @@
+"""The training loop on Accelerate: the Trainer, its callbacks, preemption, and `timl train`."""

@@ -1,0 +1,105 @@
+"""What every recipe shares: the model arguments, and building (or loading) the model before handing it to the
+Trainer; and `timl train`, the original timl's command line (recipes/gpt2_c4.py launches the same)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.trainer_utils import set_seed
+
+from timl.config.arguments import TrainingArguments
+from timl.errors import RunError
+from timl.model.build import ATTENTION_CHOICES, build_config, build_model, load_pretrained, max_positions
+from timl.train.trainer import Trainer
+
+
+@dataclass
+class ModelArguments:
+    """Which model to pre-train."""
+
+    model_name: str = field(default="gpt2", metadata={"help": (
+        "The config to build a fresh model from: gpt2, gpt2-medium, gpt2-large, gpt2-xl or llama-3.2-1b (built "
+        "locally, no network), a transformers model type such as llama, qwen2 or gemma2 (its default config), a "
+        "local folder, or a Hub id. The weights are always fresh; see --from_pretrained.")})
+    config_overrides: str | None = field(default=None, metadata={"help": "Changes to the config, as in "
+                                                                        "transformers' run_clm: 'n_layer=2,n_embd=64'."})
+    from_pretrained: str | None = field(default=None, metadata={"help": (
+        "Start from these weights instead (continued pre-training): a local folder or a Hub id, loaded with "
+        "from_pretrained. Its config is used, with --config_overrides; --model_name is then ignored.")})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": f"Attention: {', '.join(ATTENTION_CHOICES)}. Default: what transformers picks for the model "
+                f"(sdpa where the model supports it).", "choices": [None, *ATTENTION_CHOICES]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives in their Hub "
+                                                                     "repo or folder (transformers' flag)."})
+
+
+def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.Module:
+    """The model the arguments describe: fresh weights from a config, or loaded ones."""
+    if model_args.from_pretrained:
+        model = load_pretrained(model_args.from_pretrained, model_args.attn_implementation,
+                                model_args.trust_remote_code, model_args.config_overrides)
+        config = model.config
+    else:
+        config = build_config(model_args.model_name, model_args.config_overrides, model_args.trust_remote_code)
+    positions = max_positions(config)
+    if positions is not None and args.block_size > positions:
+        raise ValueError(f"--block_size {args.block_size} exceeds the model's {positions} positions; lower it or "
+                         f"raise them with --config_overrides.")
+    if model_args.from_pretrained:
+        return model
+    # Seeded before the model is built, so every run of the same arguments starts from the same weights.
+    set_seed(args.seed)
+    return build_model(config, model_args.attn_implementation, model_args.trust_remote_code)
+
+
+def model_info(model_args: ModelArguments, model: torch.nn.Module) -> dict[str, Any]:
+    """What run_config.json and every checkpoint record of how the model was made: the model arguments and, for
+    pretrained weights from the Hub, the commit they were read at."""
+    info = dataclasses.asdict(model_args)
+    if model_args.from_pretrained:
+        info["from_pretrained_commit"] = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return info
+
+
+def pretrain(model_args: ModelArguments, args: TrainingArguments, **trainer_kwargs: Any) -> dict[str, float]:
+    """Builds the model (or loads it) and trains it; returns the last logged values."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = make_model(model_args, args)
+    return Trainer(model, args, model_info=model_info(model_args, model), **trainer_kwargs).train()
+
+
+@contextlib.contextmanager
+def recipe_process() -> Iterator[None]:
+    """What a recipe's process does around its run. A RunError (a bad checkpoint, a failed save, a non-finite loss,
+    an output folder in use) ends the process with exit code 1 and its message alone, printed once, by the main
+    process: the message says what happened and what to do, and a traceback would bury it. And what the run left in
+    reference cycles is collected while the interpreter is whole: a DDP module and its gloo process group destroyed
+    during the interpreter's exit can abort the process ("terminate called without an active exception") after a run
+    that went well, and the launcher then reports a failure."""
+    try:
+        yield
+    except RunError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\ntiml: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        gc.collect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`timl train [FLAGS | args.yaml | args.json]`: builds the model the flags describe and pre-trains it."""
+    from timl.config.arguments import parse_args
+
+    model_args, training_args = parse_args(ModelArguments, TrainingArguments, argv=argv)
+    with recipe_process():
+        pretrain(model_args, training_args)
+    return 0

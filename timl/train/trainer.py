@@ -1,0 +1,558 @@
+"""The Trainer: an Accelerate training loop for causal language models on token shards.
+
+Accelerate does DDP, bf16 autocast and the trackers; timl does the rest: the loss on already-shifted labels, exact
+token-weighted means under gradient accumulation and DDP, evaluation, metrics, throughput and saving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers.trainer_utils import enable_full_determinism, set_seed
+
+from timl.checkpoint import manager as checkpoint
+from timl.report import summary
+from timl.config.arguments import TrainingArguments
+from timl.train.callbacks import CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl, TrainerState
+from timl.collectives import from_rank_0
+from timl.errors import RunError
+from timl.model.kernels import apply_fp8, apply_liger
+from timl.model.build import (CausalLMForTraining, check_config_saves, check_tied_weights, choose_loss_path,
+                           compile_model, enable_activation_checkpointing, pad_vocab, real_vocab_size)
+from timl.data.loader import BatchLoader
+from timl.loss.cross_entropy import LossFunction, as_global_share, count_labelled, next_token_loss
+from timl.report.metrics import CrossEntropy, Metric, report
+from timl.optim import OptimizerSet, build_optimizer_set
+from timl.train.preemption import PreemptionGuard
+from timl.report.provenance import provenance
+from timl.checkpoint.run_folder import RunLock, clear_previous_run
+from timl.report.run_log import RunLog
+from timl.data.saved_tokenizer import find_tokenizer
+from timl.data.sources import eval_loader_factories, train_loader
+from timl.report.window import LogWindow, StepResult, StepSignals
+from timl.report.throughput import flops_per_token, peak_flops
+
+logger = logging.getLogger(__name__)
+
+LoaderFactory = Callable[[TrainingArguments, Accelerator], BatchLoader]
+"""Builds a loader for this process. The eval factory is called before every evaluation and must start afresh."""
+
+
+class NonFiniteLossError(RunError):
+    """The loss or the gradient norm was NaN or inf (beyond --skip_nonfinite_steps): the run stopped."""
+
+
+class Trainer:
+    """Pre-trains `model` as `args` says.
+
+    Args:
+        model: a causal LM whose forward takes `input_ids` and returns `.logits` (any Hugging Face one).
+        args: the training arguments.
+        train_loader_factory, eval_loader_factory: build the loaders; default: shard loaders over the file patterns.
+        compute_loss_func: `(outputs, inputs, num_items_in_batch)` returning the micro-batch's summed loss divided
+            by num_items_in_batch (the labelled tokens of the whole global batch), or `(outputs, inputs)` returning
+            a micro-batch mean; both give the exact global mean. Default: next-token cross-entropy.
+        train_metrics, eval_metrics: `timl.report.metrics.Metric` objects, reported as train_* and eval_*. The eval loss
+            is always computed.
+        optimizers: an optimizer and a scheduler to use instead of AdamW and --lr_scheduler_type.
+        callbacks: `timl.train.callbacks.TrainerCallback` objects, fired in this order at each event of the run.
+        model_info: how the model was made (name, config overrides, pretrained weights and their revision), recorded
+            in run_config.json and every checkpoint beside the arguments.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments,
+        *,
+        train_loader_factory: LoaderFactory | None = None,
+        eval_loader_factory: LoaderFactory | None = None,
+        compute_loss_func: LossFunction | None = None,
+        train_metrics: Sequence[Metric] = (),
+        eval_metrics: Sequence[Metric] = (),
+        optimizers: tuple[torch.optim.Optimizer | None, Any] | list[tuple[torch.optim.Optimizer, Any]] = (None, None),
+        callbacks: Sequence[TrainerCallback] = (),
+        model_info: dict[str, Any] | None = None,
+    ):
+        self.args = args
+        self.model_info = dict(model_info or {})
+        bf16 = args.bf16 and torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin(bf16),
+                                       log_with=args.trackers or None, project_dir=args.output_dir)
+        if self.accelerator.num_processes != args.world_size:
+            raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
+                               f"{args.world_size}; launch with torchrun or accelerate launch.")
+        # The model's weights were made from --seed before (timl.train.pretrain.make_model); what the kernels add to them
+        # (padded vocab rows) is drawn from it too, the same on every rank.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
+        # What every checkpoint will write, written once now: a config that cannot be saved stops the run here.
+        check_config_saves(model)
+        # From here each rank draws its own dropout masks; the data order is keyed by --seed alone (timl.data.loader).
+        seed = args.seed + self.accelerator.process_index
+        enable_full_determinism(seed) if args.full_determinism else set_seed(seed)
+        self.vocab_size = vocab_size = real_vocab_size(model)
+        self.train_loader_factory = train_loader_factory or functools.partial(train_loader, vocab_size=vocab_size)
+        # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/data/sources.py).
+        self.eval_loader_factories = eval_loader_factories(args, eval_loader_factory, vocab_size)
+        # Saved into every checkpoint and main/, so that the model loads with its tokenizer (the main process saves).
+        self.tokenizer = find_tokenizer(args.train_file_pattern, args.tokenizer_name)
+        self.loss_function = as_global_share(compute_loss_func or next_token_loss)
+        self.train_metrics = list(train_metrics)
+        self.eval_metrics = [CrossEntropy(), *eval_metrics]
+        self.model = model
+        # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
+        self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
+        self.flops_per_token = flops_per_token(model, args.block_size)
+        self.first_step_seconds: float | None = None
+        if args.early_stopping_patience and not self.eval_loader_factories:
+            raise ValueError("--early_stopping_patience needs an evaluation: give --eval_file_pattern.")
+        early_stopping = [EarlyStopping(args.early_stopping_patience)] if args.early_stopping_patience else []
+        self.callbacks = CallbackHandler([ProgressBar(), *early_stopping, *callbacks])
+        self.control = TrainerControl()
+        self.run_log: RunLog | None = None
+        self.preempted = False
+        self.lock = RunLock(args.output_dir)
+        self.last_checkpoint: Path | None = None  # the newest checkpoint this run saved or resumed from
+        # Everything the run uses is built here, so that evaluate() works on a fresh Trainer.
+        self.train_loader = self.train_loader_factory(args, self.accelerator)
+        self.prepare(self.count_steps(self.train_loader))
+
+    def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
+                      train_metrics: Sequence[Metric]) -> list[str]:
+        """Pads the vocab and picks the loss path (and Liger's modules) as the arguments ask; returns what is on."""
+        args = self.args
+        active = []
+        if args.pad_vocab_size_to:
+            pad_vocab(model, args.pad_vocab_size_to)
+            active.append(f"vocab padded to {model.config.vocab_size}")
+        requested = args.requested_loss_path
+        needed_by = "the custom compute_loss_func" if compute_loss_func is not None else None
+        if train_metrics and requested == "auto":
+            needed_by = needed_by or "the train metrics"
+        if args.fp8_output_head:
+            needed_by = needed_by or "--fp8_output_head"
+        self.loss_path, self.head = choose_loss_path(model, requested, self.accelerator.device, args.forward_kwargs,
+                                                     logits_needed_by=needed_by)
+        if self.loss_path != "logits" and train_metrics:
+            logger.warning("The %s loss path makes no logits, so train metrics are skipped; they still run at eval.",
+                           self.loss_path)
+        if self.loss_path == "liger":
+            active += apply_liger(model, args.liger_kernel_kwargs)
+        if args.fp8:
+            active.append(apply_fp8(model, args.fp8, self.accelerator.device, output_head=args.fp8_output_head))
+        if args.activation_checkpointing:
+            active.append(enable_activation_checkpointing(model))
+        active.append(f"loss: {self.loss_path}" + (f" through the head ({self.head.describe()})" if self.head else "")
+                      + (", compiled with the model" if args.torch_compile else ""))
+        self.train_metrics_on = self.loss_path == "logits"
+        logger.info("Kernels: %s.", "; ".join(active))
+        return active
+
+    def train(self) -> dict[str, float]:
+        """Trains to the end, or until a stop signal or a callback stops it; returns the latest logged values."""
+        args = self.args
+        self.take_output_dir()
+        try:
+            saved = self.resume()
+        except BaseException:
+            self.lock.release()
+            raise
+        if saved.get("step", 0) >= self.total_steps:
+            self.lock.release()
+            return self.report_finished(saved)
+        # Made after the resume: some iterators (torchdata's StatefulDataLoader) take the loader's position when made.
+        batches = iter(self.train_loader)
+        try:
+            self.begin(saved)
+            with PreemptionGuard() as guard:
+                self.guard = guard
+                for step in range(self.state.step, self.total_steps + 1):
+                    last_step = step == self.total_steps
+                    self.evaluate_and_save(step, last_step)
+                    if last_step or self.control.should_training_stop:
+                        break
+                    result = self.training_step(batches, guard.requested)
+                    self.end_step(result)
+                    self.act_on(self.signals.push(self.state.step, result.signals()))
+        except BaseException as error:
+            # What was saved stays whole: the pending uploads get the preemption grace, the trackers are closed.
+            try:
+                if hasattr(self, "state"):  # the session had begun: the callbacks have a state to see
+                    self.fire("on_error", error=error)
+            finally:
+                self.close(upload_timeout=args.preemption_upload_seconds)
+            raise
+        self.fire("on_train_end")
+        self.close(upload_timeout=args.preemption_upload_seconds if self.preempted else None)
+        self.print_summary()
+        return dict(self.state.latest)
+
+    def take_output_dir(self) -> None:
+        """Locks output_dir for this run (the main process), and with --overwrite_output_dir clears the previous run
+        from it. Every process raises what the main process raised, so that none goes on alone into a collective."""
+        def take() -> None:
+            try:
+                self.lock.acquire()
+                if self.args.overwrite_output_dir and not self.args.resume_from_checkpoint:
+                    clear_previous_run(self.args.output_dir)
+            except BaseException:
+                self.lock.release()
+                raise
+
+        from_rank_0(take)
+
+    def act_on(self, signals: tuple[int, list[float]] | None) -> None:
+        """Acts on a step's signals (StepSignals), read after the next step or before a save: a stop signal on any
+        process stops all of them; a non-finite loss or grad norm is counted, and stops the run beyond
+        --skip_nonfinite_steps. Every process gets the same values, so all of them act alike."""
+        if signals is None:
+            return
+        step, (stop_votes, nonfinite, loss, grad_norm) = signals
+        if nonfinite:
+            self.count_nonfinite_step(step, loss, grad_norm)
+        if stop_votes:
+            self.stop_for_signal(self.guard)
+
+    def count_nonfinite_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """A step whose loss or grad norm was NaN or inf changed nothing (training_step skipped its update). Within
+        --skip_nonfinite_steps the run goes on; beyond, it stops before saving anything more."""
+        skipped = self.state.skipped_steps
+        skipped.append(step)
+        if len(skipped) <= self.args.skip_nonfinite_steps:
+            logger.warning("Step %d: loss %s, grad norm %s: skipped, the weights unchanged (%d of "
+                           "--skip_nonfinite_steps %d).", step, loss, grad_norm, len(skipped),
+                           self.args.skip_nonfinite_steps)
+            return
+        last = (f"the last checkpoint is {self.last_checkpoint} (resume with --resume_from_checkpoint "
+                f"{self.last_checkpoint})" if self.last_checkpoint else "no checkpoint was saved yet")
+        allowed = (f" after {len(skipped) - 1} skipped steps ({', '.join(map(str, skipped[:-1]))})"
+                   if len(skipped) > 1 else "")
+        raise NonFiniteLossError(
+            f"Step {step}: the loss is {loss} and the gradient norm {grad_norm}{allowed}. The run stopped: this step "
+            f"changed no weight, and nothing after it was saved; {last}. To try: a lower --learning_rate (now "
+            f"{self.args.learning_rate:g}), --max_grad_norm 1.0 (now {self.args.max_grad_norm:g}), more warm-up "
+            f"(--warmup_steps), --z_loss_coefficient 1e-4, or --skip_nonfinite_steps N to skip rare bad batches.")
+
+    def begin(self, saved: dict[str, Any]) -> None:
+        """Starts this session: the run's state (continued from a checkpoint), its log, the uploader, the callbacks."""
+        args, accelerator = self.args, self.accelerator
+        step = saved.get("step", 0)
+        self.state = TrainerState(self.total_steps, args.tokens_per_step, accelerator.is_main_process, step=step,
+                                  session_start_step=step)
+        self.state.load_state_dict(saved.get("run_state", {}))
+        self.callbacks.load_state_dict(saved.get("callbacks", {}))
+        self.resumed_step = step if saved else None
+        self.eval_pending = saved.get("eval_pending", False)
+        self.run_log = RunLog(args, accelerator, self.run_config(), resumed_step=self.resumed_step,
+                              run_ids=saved.get("tracker_run_ids"))
+        self.checkpointer.open_uploads()
+        self.window, self.signals = LogWindow(accelerator.device), StepSignals(accelerator.device)
+        self.fire("on_train_begin")
+
+    def evaluate_and_save(self, step: int, last_step: bool) -> None:
+        """Evaluates, then saves, at `step` (before training on), as the schedule and the callbacks ask. A resumed
+        run's first step is saved already, and evaluated unless a stop signal came first."""
+        args, control = self.args, self.control
+        resumed = step == self.resumed_step
+        if last_step or _every(step, args.save_every_steps) or _every(step, args.eval_every_steps) or (
+                control.should_save or control.should_evaluate or control.should_training_stop):
+            # The last step's signals, at once: a step that went bad stops the run before it is saved.
+            self.act_on(self.signals.drain())
+        scheduled_eval = bool(self.eval_loader_factories) and (
+            self.eval_pending if resumed else last_step or _every(step, args.eval_every_steps))
+        # After a signal there is no time for an evaluation: the checkpoint says it is pending, for the resumed run.
+        hurried = self.preempted and not last_step
+        evaluated = bool(self.eval_loader_factories) and (scheduled_eval and not hurried or control.should_evaluate)
+        if evaluated:
+            with self.window.excluded():
+                values = self.evaluate()
+            self.log(values)
+            self.fire("on_evaluate", metrics=values)
+        control.should_evaluate = False
+        scheduled_save = not resumed and (last_step or step > 0 and _every(step, args.save_every_steps))
+        if scheduled_save or control.should_save or control.should_training_stop:
+            with self.window.excluded():
+                self.save(step, final=last_step or not self.preempted and control.should_training_stop,
+                          eval_pending=scheduled_eval and not evaluated)
+        control.should_save = False
+
+    def end_step(self, result: StepResult) -> None:
+        """Counts the step that just ran, fires on_step_end, and logs the train values when they are due."""
+        state = self.state
+        state.step += 1
+        self.window.add(result)
+        if state.step == state.session_start_step + 1:
+            self.first_step_seconds = self.finish_first_step(self.window)
+        self.fire("on_step_end")
+        if _every(state.step, self.args.log_every_steps) or state.step == self.total_steps:
+            self.log(self.train_log_values(self.window, state.step))
+
+    def log(self, values: dict[str, float]) -> None:
+        self.run_log.log(values, self.state.step, self.state.elapsed_seconds)
+        self.state.observe(values)
+        self.fire("on_log", logs=values)
+
+    def fire(self, event: str, **kwargs: Any) -> None:
+        self.callbacks.fire(event, self.args, self.state, self.control, **kwargs)
+
+    def run_config(self) -> dict[str, Any]:
+        return {"args": self.args.to_sanitized_dict(), "model": self.model_info, "provenance": provenance(),
+                "total_steps": self.total_steps, "world_size": self.accelerator.num_processes}
+
+    def resume(self) -> dict[str, Any]:
+        """Restores the checkpoint named by --resume_from_checkpoint; returns its trainer state ({} when starting
+        afresh). A checkpoint at or past the last step is only read. Resuming before the newest checkpoints rolls the
+        run back: they are set aside."""
+        args = self.args
+        if not args.resume_from_checkpoint:
+            return {}
+        path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
+        if path is None:
+            logger.warning("No checkpoint in %s yet: starting from the beginning.", args.output_dir)
+            return {}
+        saved = checkpoint.read_trainer_state(path)
+        if saved["step"] >= self.total_steps:
+            return {**saved, "path": str(path)}
+        saved = self.checkpointer.load(path, optimizers=self.optim, loader=self.train_loader)
+        self.checkpointer.restore_rng(path)
+        self.last_checkpoint = path
+        if self.accelerator.is_main_process:
+            checkpoint.set_aside_steps_after(args.output_dir, saved["step"])
+        logger.info("Resumed from %s at step %d.", path, saved["step"])
+        return saved
+
+    def report_finished(self, saved: dict[str, Any]) -> dict[str, float]:
+        """Resuming a run at or past its last step does nothing: no evaluation, no checkpoint, no log line."""
+        if self.accelerator.is_main_process:
+            print(summary.nothing_to_do(saved, self.args.output_dir, self.total_steps), flush=True)
+        return dict(saved.get("run_state", {}).get("latest", {}))
+
+    def save(self, step: int, final: bool, eval_pending: bool = False) -> None:
+        """Saves a full checkpoint to output_dir/step{step}/, and when `final` also the model to output_dir/main/."""
+        state = {"tokens": step * self.args.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
+                 "data_order": {key: getattr(self.args, key) for key in checkpoint.DATA_ORDER_KEYS},
+                 "run_state": self.state.state_dict(), "callbacks": self.callbacks.state_dict(),
+                 "eval_pending": eval_pending, "final": final, **self.run_config()}
+        path = self.checkpointer.save(step, optimizers=self.optim, loader=self.train_loader, state=state, final=final)
+        self.last_checkpoint = path
+        self.fire("on_save", checkpoint=path)
+
+    def stop_for_signal(self, guard: PreemptionGuard) -> None:
+        """A process received a stop signal: all of them save the checkpoint (no main/) at the next step and exit."""
+        name = guard.received.name if guard.received else "a stop signal from another process"
+        self.preempted = self.control.should_training_stop = True
+        self.state.stopped_by = self.state.stopped_by or name
+        logger.warning("Stopped by %s after step %d: saving %s/step%d, then exiting. Continue with "
+                       "--resume_from_checkpoint latest.", name, self.state.step, self.args.output_dir,
+                       self.state.step)
+
+    def close(self, upload_timeout: float | None) -> None:
+        """Waits for the pending uploads (at most `upload_timeout` s; failures are logged), then closes the trackers."""
+        try:
+            self.checkpointer.close_uploads(upload_timeout)
+        finally:
+            try:
+                if self.run_log is not None:
+                    self.run_log.close()
+                    self.run_log = None
+            finally:
+                self.lock.release()
+
+    def print_summary(self) -> None:
+        if self.accelerator.is_main_process:
+            print(summary.render(self.state, self.args, flops_per_token=self.flops_per_token,
+                                 peak_flops=peak_flops(self.accelerator.device),
+                                 processes=self.accelerator.num_processes,
+                                 main_written=not self.preempted or self.state.step == self.total_steps), flush=True)
+
+    def count_steps(self, loader: Iterator[Any]) -> int:
+        """Optimizer steps to run: --max_train_steps, else --max_train_tokens, else --num_train_epochs passes over the
+        data (a loader's length is one pass). The default loaders repeat the data as often as that takes."""
+        args = self.args
+        per_epoch = len(loader) / args.gradient_accumulation_steps if hasattr(loader, "__len__") else None
+        if args.max_train_steps:
+            steps = args.max_train_steps
+        elif args.max_train_tokens:
+            steps = args.max_train_tokens // args.tokens_per_step
+        elif per_epoch is None:
+            raise ValueError("The train loader has no length: give --max_train_steps or --max_train_tokens.")
+        else:
+            steps = math.floor(args.num_train_epochs * per_epoch + 1e-9)  # 1e-9: 0.29 × 100 is 28.99999...
+        if getattr(loader, "repeat", True) is False and per_epoch is not None and steps > per_epoch:
+            raise ValueError(f"{steps} steps need more than the one pass over the data ({int(per_epoch)} steps) that "
+                             f"the train loader makes: build it with repeat=True.")
+        if steps < 1:
+            raise ValueError(f"Less than one step of training: a step takes {args.tokens_per_step} tokens "
+                             f"(--train_batch_size {args.train_batch_size} × --block_size {args.block_size}).")
+        return steps
+
+    def prepare(self, total_steps: int) -> None:
+        """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
+        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args, total_steps, self.given_optimizers,
+                                                       device=self.accelerator.device)
+        training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.head, self.kernel_kwargs(),
+                                       self.args.forward_kwargs, return_outputs=bool(self.train_metrics),
+                                       z_loss_coefficient=self.args.z_loss_coefficient)
+        # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
+        self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
+        if hasattr(self.training_model, "_get_fsdp_state"):  # fully_shard-ed: say which policy it really runs
+            policy = self.training_model._get_fsdp_state()._mp_policy
+            logger.info("FSDP2 mixed precision: parameters %s, gradient reduction %s, outputs %s.",
+                        policy.param_dtype, policy.reduce_dtype, policy.output_dtype or "as computed")
+        check_tied_weights(self.model)
+        self.forward_loss = compile_model(self.training_model, self.model, self.args)
+        self.total_steps = total_steps
+        # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
+        checkpoint.check_shared_output_dir(self.args.output_dir, local_rank=self.accelerator.local_process_index,
+                                           device=self.accelerator.device)
+        # Called when a session begins (Trainer.begin), so that resuming a finished run starts no upload process. A
+        # partial, not a lambda over self: a reference cycle would keep the DDP module, and its gloo process group,
+        # alive until the interpreter's exit, where destroying them can abort the process.
+        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator,
+                                                    functools.partial(start_uploader, self.args),
+                                                    model=self.training_model, base_model=self.model,
+                                                    tokenizer=self.tokenizer)
+        if self.accelerator.is_main_process:
+            checkpoint.check_free_space(self.args.output_dir,
+                                        checkpoint.checkpoint_bytes_estimate(self.model, self.args.output_dir))
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        if self.loss_path == "cut_cross_entropy":
+            return self.args.cut_cross_entropy_kwargs
+        return {}
+
+    def training_step(self, batches: Iterator[dict[str, torch.Tensor]], stop_requested: bool = False) -> StepResult:
+        """One optimizer step over the accumulated micro-batches. Also counts the processes asked to stop: that
+        rides on the step's one all-reduce, so that all of them stop together."""
+        accelerator = self.accelerator
+        data_start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(self.args.gradient_accumulation_steps)]
+        data_seconds = time.perf_counter() - data_start
+        # The global count of labelled tokens makes every micro-batch's loss its exact share of the global mean.
+        # torch.full fills on the device: torch.tensor would copy from the host and wait for the GPU every step.
+        local = torch.stack([sum(count_labelled(batch) for batch in micro_batches).float(),
+                             torch.full((), float(stop_requested), device=accelerator.device)])
+        num_items, stop_votes = accelerator.reduce(local, reduction="sum")
+        num_items = num_items.clamp(min=1)
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_z_loss = torch.zeros((), device=accelerator.device)
+        for index, inputs in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.training_model):
+                loss, z_loss, outputs = self.forward_loss(inputs, num_items)
+                # DDP averages gradients over processes; the shares are meant to be summed.
+                accelerator.backward(loss * accelerator.num_processes)
+            step_loss += loss.detach() - z_loss
+            step_z_loss += z_loss
+            if self.train_metrics_on:
+                for metric in self.train_metrics:
+                    metric.update(outputs, inputs)
+        # Without clipping, an infinite bound clips nothing and still returns the total norm, which is logged.
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: the same whole norm on every rank
+            grad_norm = grad_norm.full_tensor()
+        # Every process's share of the loss, summed: the global mean, so that all of them judge the same values.
+        losses = accelerator.reduce(torch.stack([step_loss, step_z_loss]), reduction="sum")
+        nonfinite = ~(torch.isfinite(losses).all() & torch.isfinite(grad_norm))
+        learning_rates = self.optim.learning_rates()
+        self.optim.step(skip=nonfinite)
+        return StepResult(losses, grad_norm, learning_rates, stop_votes, nonfinite, data_seconds)
+
+    def finish_first_step(self, window: LogWindow) -> float:
+        """The first step compiles; its time is reported on its own and kept out of the throughput."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = window.train_seconds()
+        window.restart_clock()
+        return seconds
+
+    def train_log_values(self, window: LogWindow, step: int) -> dict[str, float]:
+        accelerator = self.accelerator
+        loss, z_loss = window.mean_losses()
+        values = {
+            "train_loss": loss,
+            **({"train_z_loss": z_loss} if self.args.z_loss_coefficient else {}),
+            **window.learning_rates,
+            "grad_norm": float(window.grad_norm),
+            **({"skipped_steps": len(self.state.skipped_steps)} if self.state.skipped_steps else {}),
+            "tokens": step * self.args.tokens_per_step,
+            **getattr(self.train_loader, "progress", dict)(),  # epoch; tokens and epoch per source of a mixture
+            **(report(self.train_metrics, accelerator, "train_") if self.train_metrics_on else {}),
+        }
+        if self.first_step_seconds is not None:
+            values["first_step_seconds"], self.first_step_seconds = self.first_step_seconds, None
+        seconds = window.train_seconds()
+        if window.timed_steps:
+            tokens_per_second = window.timed_steps * self.args.tokens_per_step / seconds
+            self.state.add_timing(window.timed_steps * self.args.tokens_per_step, seconds)
+            values.update(tokens_per_second=tokens_per_second, step_seconds=seconds / window.timed_steps,
+                          data_wait_fraction=window.data_seconds / seconds)
+            peak = peak_flops(accelerator.device)
+            if peak:
+                values["mfu"] = tokens_per_second / accelerator.num_processes * self.flops_per_token / peak
+        if torch.cuda.is_available():
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        window.reset()
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics over each eval set, the same data each time (up to --max_eval_steps batches a set)."""
+        self.training_model.eval()
+        values = {}
+        for prefix, factory in self.eval_loader_factories.items():
+            for index, inputs in enumerate(factory(self.args, self.accelerator)):
+                if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
+                    break
+                with self.accelerator.autocast():
+                    # Through the prepared module, not the model inside it: FSDP gathers parameters in its forward.
+                    self.training_model(inputs, None, self.eval_metrics)
+            values.update(report(self.eval_metrics, self.accelerator, prefix))
+        self.training_model.train()
+        return values
+
+
+def fsdp_plugin(bf16: bool) -> Any:
+    """Under FSDP (as `accelerate launch` announces it), the plugin with torchtitan's mixed precision: bf16
+    parameters for compute, but gradients reduce-scattered in fp32, as DDP reduces them, and outputs left in the
+    dtype they are computed in (the loss in fp32). Accelerate's own bf16 policy also casts every sharded module's
+    output to bf16, which rounds the logged loss to bf16, and sums the processes' gradients in bf16. (An fp32
+    output cast would not do either: each block's output would reach a norm outside the blocks, whose weights are
+    bf16, in fp32.) Accelerate's config file has no key for the policy; None leaves Accelerate to read its plugin
+    from the environment as usual."""
+    if not bf16 or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        return None  # FSDP1 keeps Accelerate's policy: timl's checkpoints and tests are for FSDP2
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return plugin
+
+
+def start_uploader(args: TrainingArguments) -> Any:
+    """The background uploader of checkpoints, when --push_to_hub asks for one (never in --debug)."""
+    if not args.push_to_hub:
+        return None
+    from timl.checkpoint.upload import Uploader, upload_target
+
+    return Uploader(upload_target(args.hub_target, args.hub_model_id, args.hub_token, args.hub_private))
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
