@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import xxhash
 
-from timl.checkpoint import manager as checkpoint, manifest
+from timl.checkpoint import manager as checkpoint, state as manifest
 from timl.model.build import build_config, build_model
 from timl.optim import OptimizerSet
 

@@ -53,7 +53,7 @@ def measure(options: argparse.Namespace) -> dict[str, Any]:
         del trainer.evaluate
         torch.cuda.synchronize()
         device = torch.device("cuda")
-        row = {"loss_path": trainer.loss_path, "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        row = {"loss_path": trainer.training_loss.path, "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                "device": torch.cuda.get_device_name(device), "evals": []}
         for size in sizes:
             row["evals"].append(measure_evaluation(trainer, size, options.eval_steps))
@@ -63,7 +63,7 @@ def measure(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure_evaluation(trainer: Any, batch: int, steps: int) -> dict[str, Any]:
-    trainer.args.per_device_eval_batch_size = batch  # the eval loader reads it afresh at every evaluation
+    trainer.args.data.per_device_eval_batch_size = batch  # the eval loader reads it afresh at every evaluation
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()

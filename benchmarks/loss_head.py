@@ -16,7 +16,9 @@ import time
 import torch
 
 import timl.loss.chunked as chunked_loss
+from timl.loss.chunked import chunked_linear_cross_entropy
 from timl.loss.cross_entropy import linear_cross_entropy
+from timl.model.forward import head_loss
 
 SHAPES = {  # tokens, width, weight rows, vocab
     "llama-1b": (8 * 2048, 2048, 128256, 128256),
@@ -26,19 +28,18 @@ SHAPES = {  # tokens, width, weight rows, vocab
 
 def full_compiled() -> callable:
     compiled = torch.compile(linear_cross_entropy)
-    return lambda hidden, weight, labels, vocab: compiled(hidden, weight, labels, vocab_size=vocab, path="full")
+    return lambda hidden, weight, labels, vocab: compiled(hidden, weight, labels, vocab_size=vocab)
 
 
 def chunked(mib: int) -> callable:
     def run(hidden, weight, labels, vocab):
         chunked_loss.CHUNK_BYTES = mib * 2**20
-        return linear_cross_entropy(hidden, weight, labels, vocab_size=vocab, path="chunked")
+        return chunked_linear_cross_entropy(hidden, weight, labels, vocab_size=vocab)
     return run
 
 
 def liger() -> callable:
-    return lambda hidden, weight, labels, vocab: linear_cross_entropy(hidden, weight, labels, vocab_size=vocab,
-                                                                      path="liger")
+    return lambda hidden, weight, labels, vocab: head_loss(hidden, weight, labels, vocab_size=vocab, path="liger")
 
 
 def measure(function, shape: tuple[int, int, int, int]) -> tuple[float, float, float]:

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--batch 32] [--steps 5]
 
-It runs the module timl trains (timl.model.kernels.CausalLMForTraining, vocab padded to 64, compiled with bf16 autocast,
+It runs the module timl trains (timl.model.forward.CausalLMForTraining, vocab padded to 64, compiled with bf16 autocast,
 fused AdamW, clipping) and prints the kernels that take the most GPU time, grouped into matmuls, attention, and
 everything else.
 """
@@ -14,9 +14,10 @@ import argparse
 import torch
 from transformers import set_seed
 
-from timl.model.build import CausalLMForTraining, pad_vocab, read_head
-from timl.loss.cross_entropy import next_token_loss
-from timl.model.build import build_config, build_model
+from timl.model.forward import TrainingLoss
+from timl.model.build import build_config, build_model, pad_vocab
+from timl.model.forward import CausalLMForTraining
+from timl.model.head import read_head
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     set_seed(0)
     model = build_model(build_config("gpt2")).cuda()
     pad_vocab(model, 64)
-    training = CausalLMForTraining(model, next_token_loss, "full", read_head(model), {}, {}, return_outputs=False)
+    training = CausalLMForTraining(model, TrainingLoss("full", read_head(model)), {}, return_outputs=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
 
     @torch.compile

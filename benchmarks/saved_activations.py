@@ -16,8 +16,9 @@ import collections
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from timl.loss.cross_entropy import next_token_loss
-from timl.model.build import CausalLMForTraining, read_head
+from timl.model.forward import TrainingLoss
+from timl.model.forward import CausalLMForTraining
+from timl.model.head import read_head
 
 
 SavedTensor = tuple[tuple[int, ...], str, int, bool]
@@ -37,7 +38,7 @@ def saved_tensors(budget: float | None, options: argparse.Namespace) -> dict[int
                          num_key_value_heads=hidden // 128, num_hidden_layers=options.layers, vocab_size=1024,
                          tie_word_embeddings=True, max_position_embeddings=options.tokens)
     model = LlamaForCausalLM(config)
-    training = CausalLMForTraining(model, next_token_loss, "full", read_head(model), {}, {}, return_outputs=False)
+    training = CausalLMForTraining(model, TrainingLoss("full", read_head(model)), {}, return_outputs=False)
     step = torch.compile(training)
     tokens = torch.randint(0, 1024, (2, options.tokens + 1))
     inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

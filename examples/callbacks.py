@@ -13,27 +13,25 @@ from pathlib import Path
 
 import numpy as np
 
-from timl.config.arguments import parse_args
+from timl.config import ModelArguments, TrainingArguments, parse_args
 from timl.train.callbacks import TrainerCallback
 from timl.train.pretrain import pretrain
 from timl.data.shards import write_shard
 
-from small_run import SmallModelArguments, SmallRunArguments  # examples/small_run.py
+from small_run import SMALL_RUN_DEFAULTS  # examples/small_run.py
 
 
 @dataclass
-class ExampleModelArguments(SmallModelArguments):
-    config_overrides: str | None = field(
-        default="n_layer=2,n_embd=64,n_head=2,n_positions=128,vocab_size=256,bos_token_id=0,eos_token_id=0",
-        metadata={"help": "Changes to GPT-2's config: 2 layers, 64 wide, 256 token ids."})
+class ExampleArguments:
+    """When the example stops."""
 
-
-@dataclass
-class ExampleArguments(SmallRunArguments):
-    output_dir: str = field(default="runs/callbacks", metadata={"help": "Where metrics.jsonl goes."})
-    max_train_steps: int | None = field(default=300, metadata={"help": "Steps, unless the target comes first."})
-    eval_every_steps: int = field(default=10, metadata={"help": "Evaluate every this many steps."})
     target_eval_loss: float = field(default=0.5, metadata={"help": "Stop once the eval loss is at most this."})
+
+
+DEFAULTS = {**SMALL_RUN_DEFAULTS, "output_dir": "runs/callbacks", "eval_every_steps": 10,
+            "max_train_steps": 300,  # unless the target comes first
+            "config_overrides": "n_layer=2,n_embd=64,n_head=2,n_positions=128,vocab_size=256,bos_token_id=0,"
+                                "eos_token_id=0"}  # 256 token ids
 
 
 class StopAtEvalLoss(TrainerCallback):
@@ -53,7 +51,7 @@ class StopAtEvalLoss(TrainerCallback):
             print(f"eval loss target {self.target}: {reached} (best {state.best_eval_loss:.3f}).")
 
 
-def with_tiny_shards(args: ExampleArguments) -> ExampleArguments:
+def with_tiny_shards(args: TrainingArguments) -> TrainingArguments:
     """Without --train_file_pattern: writes output_dir/data/{train,validation}_000000.bin and trains on them."""
     if args.train_file_pattern is not None:
         return args
@@ -69,5 +67,5 @@ def with_tiny_shards(args: ExampleArguments) -> ExampleArguments:
 
 
 if __name__ == "__main__":
-    model_args, args = parse_args(ExampleModelArguments, ExampleArguments)
-    pretrain(model_args, with_tiny_shards(args), callbacks=[StopAtEvalLoss(args.target_eval_loss)])
+    model_args, example, args = parse_args(ModelArguments, ExampleArguments, TrainingArguments, defaults=DEFAULTS)
+    pretrain(model_args, with_tiny_shards(args), callbacks=[StopAtEvalLoss(example.target_eval_loss)])

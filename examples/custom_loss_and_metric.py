@@ -12,17 +12,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from timl.config.arguments import parse_args
+from timl.config import ModelArguments, TrainingArguments, parse_args
 from timl.loss.cross_entropy import IGNORE_INDEX
 from timl.report.metrics import TokenAverage
 from timl.train.pretrain import pretrain
 
-from small_run import SmallModelArguments, SmallRunArguments, with_default_data  # examples/small_run.py
+from small_run import SMALL_RUN_DEFAULTS, with_default_data  # examples/small_run.py
 
 
 @dataclass
-class ExampleArguments(SmallRunArguments):
-    output_dir: str = field(default="runs/custom_loss_and_metric", metadata={"help": "Where metrics.jsonl goes."})
+class ExampleArguments:
+    """The example's loss."""
+
     label_smoothing: float = field(default=0.1, metadata={"help": "Mass spread evenly over the vocab, in [0, 1)."})
 
 
@@ -52,10 +53,11 @@ class TopKAccuracy(TokenAverage):
 
 
 if __name__ == "__main__":
-    model_args, args = parse_args(SmallModelArguments, ExampleArguments)
+    model_args, example, args = parse_args(ModelArguments, ExampleArguments, TrainingArguments,
+                                           defaults={**SMALL_RUN_DEFAULTS, "output_dir": "runs/custom_loss_and_metric"})
     args = with_default_data(args)
     # The train_loss logged is the smoothed loss; eval_loss is always the plain cross-entropy.
-    latest = pretrain(model_args, args, compute_loss_func=label_smoothed_loss(args.label_smoothing),
+    latest = pretrain(model_args, args, compute_loss_func=label_smoothed_loss(example.label_smoothing),
                       train_metrics=[TopKAccuracy(5)], eval_metrics=[TopKAccuracy(5)])
     print(f"eval loss {latest.get('eval_loss', float('nan')):.3f}, eval top-5 accuracy "
           f"{latest.get('eval_top5_accuracy', float('nan')):.3f}. Metrics in {args.output_dir}/metrics.jsonl, the "

@@ -18,25 +18,26 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from timl.config.arguments import TrainingArguments, parse_args
+from timl.config import DataArguments, ModelArguments, TrainingArguments, parse_args
 from timl.data.loader import ShardLoader
 from timl.loss.cross_entropy import IGNORE_INDEX
 from timl.train.pretrain import pretrain
 from timl.data.shards import list_shards, write_shard
 
-from small_run import SmallModelArguments, SmallRunArguments, with_default_data  # examples/small_run.py
+from small_run import SMALL_RUN_DEFAULTS, with_default_data  # examples/small_run.py
 
 
 @dataclass
-class ExampleArguments(SmallRunArguments):
-    output_dir: str = field(default="runs/weighted_loader", metadata={"help": "Where metrics.jsonl goes."})
+class ExampleArguments:
+    """How the example weighs each token."""
+
     eot_token: int = field(default=50256, metadata={"help": "The end-of-text id (GPT-2's <|endoftext|>)."})
     context_tokens: int = field(default=8, metadata={"help": "Positions with fewer tokens of document context "
                                                              "than this are down-weighted."})
     short_context_weight: float = field(default=0.25, metadata={"help": "Their weight; 1 turns weighting off."})
 
 
-def write_weights(args: ExampleArguments) -> str:
+def write_weights(args: TrainingArguments, example: ExampleArguments) -> str:
     """Writes output_dir/weights/<token shard name>, one float32 per token; returns their glob pattern."""
     folder = Path(args.output_dir) / "weights"
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,19 +45,21 @@ def write_weights(args: ExampleArguments) -> str:
     for shard in list_shards(args.train_file_pattern):
         tokens = shard.memmap()
         index = np.arange(len(tokens))
-        last_eot = np.maximum.accumulate(np.where(tokens == args.eot_token, index, -1 - context))
+        last_eot = np.maximum.accumulate(np.where(tokens == example.eot_token, index, -1 - context))
         contexts = index - last_eot  # 0 at an end-of-text token: what follows it starts a new document
-        write_shard(folder / shard.path.name, np.where(contexts < args.context_tokens, args.short_context_weight,
+        write_shard(folder / shard.path.name, np.where(contexts < example.context_tokens, example.short_context_weight,
                                                        1.0).astype(np.float32))
         context = int(contexts[-1])
     return str(folder / Path(args.train_file_pattern).name)
 
 
-def weighted_loader(args: TrainingArguments, accelerator: Accelerator, *, weights_pattern: str) -> ShardLoader:
-    return ShardLoader(args.train_file_pattern, float_file_pattern=weights_pattern, float_key="weights",
+def weighted_loader(data: DataArguments, accelerator: Accelerator, *, weights_pattern: str,
+                    max_tokens: int | None) -> ShardLoader:
+    """A train loader factory: it gets the data arguments and the accelerator; the rest is bound beforehand."""
+    return ShardLoader(data.train_file_pattern, float_file_pattern=weights_pattern, float_key="weights",
                        rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
-                       block_size=args.block_size, per_device_batch_size=args.per_device_train_batch_size,
-                       max_tokens=args.max_train_tokens)
+                       block_size=data.block_size, per_device_batch_size=data.per_device_train_batch_size,
+                       max_tokens=max_tokens)
 
 
 def weighted_loss(outputs, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> torch.Tensor:
@@ -68,10 +71,12 @@ def weighted_loss(outputs, inputs: dict[str, torch.Tensor], num_items_in_batch: 
 
 
 if __name__ == "__main__":
-    model_args, args = parse_args(SmallModelArguments, ExampleArguments)
+    model_args, example, args = parse_args(ModelArguments, ExampleArguments, TrainingArguments,
+                                           defaults={**SMALL_RUN_DEFAULTS, "output_dir": "runs/weighted_loader"})
     args = with_default_data(args)
-    weights_pattern = write_weights(args)  # every process writes the same bytes, atomically, so they never clash
+    weights_pattern = write_weights(args, example)  # every process writes the same bytes, atomically, so they never clash
     latest = pretrain(model_args, args, compute_loss_func=weighted_loss,
-                      train_loader_factory=functools.partial(weighted_loader, weights_pattern=weights_pattern))
+                      train_loader_factory=functools.partial(weighted_loader, weights_pattern=weights_pattern,
+                                                             max_tokens=args.max_train_tokens))
     print(f"eval loss {latest.get('eval_loss', float('nan')):.3f}. Weights in {weights_pattern}, metrics in "
           f"{args.output_dir}/metrics.jsonl, the model in {args.output_dir}/main/.")

@@ -3,7 +3,7 @@
     python recipes/custom_gpt.py --train_file_pattern "data/python_docs/train_*.bin" --output_dir runs/custom \
         --block_size 128 --train_batch_size 16 --per_device_train_batch_size 16 --optim muon --report_to none
 
-What a model must provide (see timl.model.build):
+What a model must provide (see timl.model.head):
   forward(input_ids) -> logits [batch, block, vocab] (a tensor, or an object with .logits)
   and, to use the fused losses (no logits in training), hidden_states(input_ids) -> [batch, block, hidden] and an
   `output_weight` [vocab, hidden]. A `config` dict is saved as config.json; the weights as model.safetensors,
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timl.config.arguments import TrainingArguments, parse_args
+from timl.config import TrainingArguments, parse_args
 from timl.train.pretrain import recipe_process
 from timl.train.trainer import Trainer
 

@@ -38,8 +38,8 @@ def test_the_fsdp_config_wraps_each_models_own_block(model_type, monkeypatch):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from timl.loss.cross_entropy import next_token_loss
-    from timl.model.build import CausalLMForTraining
+    from timl.model.forward import TrainingLoss
+    from timl.model.forward import CausalLMForTraining
 
     settings = yaml.safe_load((CONFIGS[0].parent / "fsdp.yaml").read_text())["fsdp_config"]
     assert "fsdp_transformer_layer_cls_to_wrap" not in settings
@@ -49,7 +49,15 @@ def test_the_fsdp_config_wraps_each_models_own_block(model_type, monkeypatch):
     sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, n_embd=32, n_layer=2, n_head=2)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
-    wrapper = CausalLMForTraining(model, next_token_loss, "logits", None, {}, {}, return_outputs=False)
+    wrapper = CausalLMForTraining(model, TrainingLoss("logits"), {}, return_outputs=False)
     policy = fsdp2_prepare_auto_wrap_policy(plugin, wrapper)
     wrapped = {type(module).__name__ for module in wrapper.modules() if policy(module)}
     assert wrapped == set(model._no_split_modules) and wrapped
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
+def test_no_config_sets_a_precision_that_the_trainer_would_override(path):
+    """The Trainer passes Accelerate its own mixed precision, from --bf16: a mixed_precision key would do nothing."""
+    import yaml
+
+    assert "mixed_precision" not in yaml.safe_load(path.read_text())

@@ -169,8 +169,9 @@ def test_the_steps_between_log_lines_make_no_host_sync(shards, tmp_path):
     later, timl.report.window.StopVotes): a run of 24 steps makes as many synchronizing calls as one of 8."""
     import warnings
 
-    from timl.config.arguments import TrainingArguments
-    from timl.train.pretrain import ModelArguments, pretrain
+    from timl.config import TrainingArguments
+    from timl.config import ModelArguments
+    from timl.train.pretrain import pretrain
 
     def synchronizing_calls(steps: int) -> collections.Counter:
         args = TrainingArguments(output_dir=str(tmp_path / f"run{steps}"),

@@ -17,13 +17,13 @@ _LAZY = {
     "TrainerControl": "timl.train.callbacks",
     "TrainerState": "timl.train.callbacks",
     "EarlyStopping": "timl.train.callbacks",
-    "TrainingArguments": "timl.config.arguments",
-    "parse_args": "timl.config.arguments",
+    "TrainingArguments": "timl.config",
+    "parse_args": "timl.config",
     "Metric": "timl.report.metrics",
     "CrossEntropy": "timl.report.metrics",
     "Perplexity": "timl.report.metrics",
     "Accuracy": "timl.report.metrics",
-    "ModelArguments": "timl.train.pretrain",
+    "ModelArguments": "timl.config",
     "pretrain": "timl.train.pretrain",
 }
 

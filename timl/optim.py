@@ -20,8 +20,8 @@ import torch
 from transformers import get_scheduler
 from transformers.pytorch_utils import Conv1D
 
-from timl.config.arguments import TrainingArguments
-from timl.model.build import output_layer
+from timl.config.arguments import OptimizerArguments
+from timl.model.head import output_layer
 
 # A Muon group's lr over --muon_learning_rate, kept in the group (and so in checkpoints) for the logged rate.
 LR_SCALE = "lr_scale"
@@ -134,7 +134,7 @@ def fused_adamw(optim: str, device: torch.device | str) -> bool:
     return optim in FUSED_ADAMW_OPTIMS and torch.device(device).type == "cuda"
 
 
-def _adamw(model: torch.nn.Module, names: set[str], args: TrainingArguments,
+def _adamw(model: torch.nn.Module, names: set[str], args: OptimizerArguments,
            device: torch.device | str) -> torch.optim.AdamW:
     parameters = dict(model.named_parameters())
     decay = decay_parameter_names(model, args.decay_embeddings)
@@ -147,7 +147,7 @@ def _adamw(model: torch.nn.Module, names: set[str], args: TrainingArguments,
                              fused=fused_adamw(args.optim, device))
 
 
-def _muon(model: torch.nn.Module, names: list[str], args: TrainingArguments) -> torch.optim.Optimizer:
+def _muon(model: torch.nn.Module, names: list[str], args: OptimizerArguments) -> torch.optim.Optimizer:
     """Muon over the named matrices, one group per lr correction: the uncorrected one first, as the logged rate
     is read off it, then one for each shape of weight stored [in, out] whose correction is not 1."""
     parameters = dict(model.named_parameters())
@@ -165,7 +165,7 @@ def _muon(model: torch.nn.Module, names: list[str], args: TrainingArguments) -> 
                             weight_decay=args.muon_weight_decay)
 
 
-def create_optimizers(model: torch.nn.Module, args: TrainingArguments,
+def create_optimizers(model: torch.nn.Module, args: OptimizerArguments,
                       device: torch.device | str | None = None) -> list[tuple[str, torch.optim.Optimizer]]:
     """The optimizers --optim asks for, named. `device` is where the model will train (AdamW is fused on CUDA);
     by default, where its parameters are now."""
@@ -201,12 +201,12 @@ def check_groups(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
         raise ValueError("Bad parameter grouping: " + "; ".join(problems) + ".")
 
 
-def warmup_steps(args: TrainingArguments, num_training_steps: int) -> int:
+def warmup_steps(args: OptimizerArguments, num_training_steps: int) -> int:
     return args.warmup_steps or math.ceil(num_training_steps * args.warmup_ratio)
 
 
 def create_scheduler(
-    optimizer: torch.optim.Optimizer, args: TrainingArguments, num_training_steps: int
+    optimizer: torch.optim.Optimizer, args: OptimizerArguments, num_training_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     return get_scheduler(
         args.lr_scheduler_type,
@@ -217,7 +217,7 @@ def create_scheduler(
     )
 
 
-def build_optimizer_set(model: torch.nn.Module, args: TrainingArguments, total_steps: int,
+def build_optimizer_set(model: torch.nn.Module, args: OptimizerArguments, total_steps: int,
                         given: list[tuple[torch.optim.Optimizer | None, object]],
                         device: torch.device | str | None = None) -> OptimizerSet:
     """The user's optimizers (each with its schedule, or --lr_scheduler_type's) or --optim's, checked. `device` is

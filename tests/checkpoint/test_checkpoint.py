@@ -22,9 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.checkpoint import manager as checkpoint
-from timl.config.arguments import TrainingArguments
+from timl.config import ModelArguments, TrainingArguments
 from timl.train.callbacks import TrainerCallback
-from timl.train.pretrain import ModelArguments, pretrain
+from timl.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 

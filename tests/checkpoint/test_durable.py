@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from timl.checkpoint.durable import (atomic_directory, atomic_file, publish_directory, remove_directory, synced_file,
-                          temporary_directory, temporary_path)
+                                     temporary_directory, temporary_path)
 from timl.checkpoint.upload import IGNORE_PATTERNS
 
 ROOT = Path(__file__).resolve().parents[2]

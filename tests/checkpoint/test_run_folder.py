@@ -15,8 +15,8 @@ import pytest
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.checkpoint import manager as checkpoint
-from timl.config.arguments import TrainingArguments
-from timl.train.pretrain import ModelArguments, pretrain
+from timl.config import ModelArguments, TrainingArguments
+from timl.train.pretrain import pretrain
 from timl.checkpoint.run_folder import LOCK_FILE, RunFolderError, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_a_fresh_run_into_another_runs_folder_is_refused_before_any_work(finishe
     data_dir, output_dir = finished_run
     before = {path: path.stat().st_mtime_ns for path in output_dir.rglob("*")}
     with pytest.raises(ValueError) as error:
-        args(data_dir, output_dir, seed=1)
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args(data_dir, output_dir, seed=1))
     message = str(error.value)
     assert f"--output_dir {output_dir} holds another run" in message
     assert "main, metrics.jsonl, step2, step4" in message

@@ -52,11 +52,11 @@ def test_a_round_trip_in_one_process_restores_every_part_exactly(tmp_path):
     for step in range(2):
         next(batches)
         train_step(model, optimizers, schedulers, step)
-    run = SimpleNamespace(output_dir=str(tmp_path / "run"), save_total_limit=None, block_size=16, train_batch_size=2)
-    saver = checkpoint.Checkpointer(run, ONE_PROCESS, model=model)
+    run = SimpleNamespace(output_dir=str(tmp_path / "run"), save_total_limit=None)
+    data_order = {"block_size": 16, "train_batch_size": 2}
+    saver = checkpoint.Checkpointer(run, ONE_PROCESS, model=model, data_order=data_order)
     optimizer_set = OptimizerSet(optimizers, schedulers, ["adamw", "sgd"])
-    path = saver.save(2, optimizers=optimizer_set, loader=loader, state={"data_order": {"block_size": 16,
-                                                                                       "train_batch_size": 2}})
+    path = saver.save(2, optimizers=optimizer_set, loader=loader, state={})
     expected = snapshot(model, optimizers, schedulers, loader)
 
     fresh_model, fresh_optimizers, fresh_schedulers = dcp_worker.build(sharded=False)
@@ -65,7 +65,7 @@ def test_a_round_trip_in_one_process_restores_every_part_exactly(tmp_path):
             parameter.add_(1.0)  # nothing of the fresh state may survive the load
     fresh_loader = ShardLoader(tmp_path / "train_*.bin", block_size=16, per_device_batch_size=2, rank=0,
                                world_size=1)
-    restorer = checkpoint.Checkpointer(run, ONE_PROCESS, model=fresh_model)
+    restorer = checkpoint.Checkpointer(run, ONE_PROCESS, model=fresh_model, data_order=data_order)
     random.random(), np.random.rand(), torch.rand(3)  # move every generator on
     saved = restorer.load(path, optimizers=OptimizerSet(fresh_optimizers, fresh_schedulers, ["adamw", "sgd"]),
                          loader=fresh_loader)

@@ -3,8 +3,13 @@ files, whose values are converted as the command line converts them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +19,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
-from timl.config.arguments import TrainingArguments, parse_args
-from timl.train.pretrain import ModelArguments, pretrain
+from timl.config import ModelArguments, TrainingArguments, parse_args
+from timl.config.arguments import FIELD_GROUPS, METRIC_SCHEDULERS, SCHEDULERS, TRACKERS
+from timl.train.pretrain import pretrain
+from timl.train.trainer import check_files
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_debug_evaluates_one_batch_and_uploads_nothing(tmp_path):
@@ -76,7 +85,7 @@ def test_file_values_are_converted_as_the_command_line_converts_them(tmp_path, s
             "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 1e-5}',
             "--report_to", "none"]
     (from_command_line,) = parse_args(TrainingArguments, argv=argv)
-    from_command_line.wandb_project = None  # the one value a command line cannot give
+    from_command_line.logging.wandb_project = None  # the one value a command line cannot give
     assert from_file == from_command_line
     assert (from_file.learning_rate, from_file.bf16, from_file.shuffle, from_file.num_train_epochs) == (
         0.001, False, True, 2.0)
@@ -109,3 +118,69 @@ def test_a_list_field_takes_a_list_converted_item_by_item(tmp_path):
     assert parse_args(ListArguments, argv=[path]) == parse_args(ListArguments, argv=["--sizes", "1", "2"])
     with pytest.raises(ValueError, match="sizes: expected list\\[int\\], got \\[1.5\\]"):
         parse_args(ListArguments, argv=[write_arguments_file(tmp_path / "bad.yaml", {"sizes": [1.5]})])
+
+
+# The arguments in groups: one per concern, a flat command line, checks at parse time that need no file.
+
+def test_importing_and_parsing_the_arguments_imports_no_torch(tmp_path):
+    code = ("import sys\n"
+            "from timl.config import ModelArguments, TrainingArguments, parse_args\n"
+            "model, args = parse_args(ModelArguments, TrainingArguments, argv=['--learning_rate', '1e-3',\n"
+            "                         '--report_to', 'none', '--train_file_pattern', 'nowhere/*.bin'])\n"
+            "assert args.optimizer.learning_rate == 1e-3\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'accelerate')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_scheduler_and_tracker_names_are_transformers_and_accelerates():
+    from accelerate.utils import LoggerType
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(SCHEDULERS) | set(METRIC_SCHEDULERS) == {s.value for s in SchedulerType}
+    assert set(TRACKERS) == {t.value for t in LoggerType}
+
+
+def test_every_flag_belongs_to_exactly_one_group():
+    names = [f.name for group in TrainingArguments.GROUPS.values() for f in dataclasses.fields(group)]
+    assert len(names) == len(set(names)) == len(FIELD_GROUPS)
+    assert not set(names) & {f.name for f in dataclasses.fields(ModelArguments)}
+
+
+def test_flat_values_reach_their_groups_and_replace_keeps_the_rest():
+    args = TrainingArguments(output_dir="run", learning_rate=1e-3, block_size=16, train_batch_size=4,
+                             per_device_train_batch_size=2, report_to="none")
+    assert (args.optimizer.learning_rate, args.data.block_size, args.checkpoint.output_dir) == (1e-3, 16, "run")
+    assert args.learning_rate == 1e-3 and args.gradient_accumulation_steps == 2  # flat reads, as callbacks use
+    changed = dataclasses.replace(args, learning_rate=2e-3)
+    assert changed.optimizer.learning_rate == 2e-3 and changed.data.block_size == 16
+    assert args.optimizer.learning_rate == 1e-3  # the original is untouched
+    assert TrainingArguments(**args.to_dict()) == args
+    with pytest.raises(AttributeError, match=r"args\.optimizer\.learning_rate"):
+        args.learning_rate = 3e-3
+    with pytest.raises(TypeError, match="learning_rat\\b"):
+        TrainingArguments(learning_rat=1e-3)
+
+
+def test_parsing_reads_no_file_and_the_trainer_start_checks_them(tmp_path):
+    used = tmp_path / "used"
+    (used / "step10").mkdir(parents=True)
+    args = TrainingArguments(output_dir=str(used), train_file_pattern=str(tmp_path / "missing_*.bin"),
+                             report_to="none")  # neither the shards nor the folder is looked at yet
+    with pytest.raises(ValueError) as raised:
+        check_files(args)
+    message = str(raised.value)
+    assert "--train_file_pattern" in message and "missing_*.bin" in message
+    assert str(used) in message and "--overwrite_output_dir" in message
+
+
+def test_problems_of_several_groups_are_reported_together():
+    with pytest.raises(ValueError) as raised:
+        TrainingArguments(block_size=0, warmup_ratio=2.0, z_loss_coefficient=-1.0, fp8="e5m2", save_total_limit=0,
+                          report_to="nowhere", max_eval_steps=1, max_eval_tokens=64)
+    message = str(raised.value)
+    for flag in ("--block_size", "--warmup_ratio", "--z_loss_coefficient", "--fp8", "--save_total_limit",
+                 "--report_to", "--max_eval_steps and --max_eval_tokens"):
+        assert flag in message

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
-from timl.config.arguments import TrainingArguments, parse_args
+from timl.config import ModelArguments, TrainingArguments, parse_args
 from timl.data.mixture import MixtureLoader
-from timl.train.pretrain import ModelArguments, make_model, pretrain
+from timl.train.pretrain import make_model, pretrain
 from timl.data.sources import Source, parse_sources
-from timl.train.trainer import Trainer
+from timl.train.trainer import Trainer, check_files
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16
@@ -66,15 +66,15 @@ def train(args: TrainingArguments) -> Trainer:
 
 
 def test_the_new_syntax_is_checked_with_the_argument_named(data):
+    args = args_for(data, train_file_pattern=f"web={data}/train_*.bin:0.7,code={data}/missing_*.bin:-1",
+                    eval_file_pattern=f"val={data}/evala_*.bin:0.5")
     with pytest.raises(ValueError) as error:
-        args_for(data, train_file_pattern=f"web={data}/train_*.bin:0.7,code={data}/missing_*.bin:-1",
-                 eval_file_pattern=f"val={data}/evala_*.bin:0.5", num_train_epochs=0)
+        check_files(args)  # when the run starts, before the model is built
     message = str(error.value)
     for expected in ("--train_file_pattern: source 'code': No file matches the pattern",
                      "--train_file_pattern: source 'code' has weight -1; weights must be positive",
                      "--train_file_pattern names several sources, which have no common epoch: give --max_train_steps",
-                     "--eval_file_pattern: eval sets take no weights (got val)",
-                     "--num_train_epochs must be positive, got 0"):
+                     "--eval_file_pattern: eval sets take no weights (got val)"):
         assert expected in message
 
 

@@ -21,14 +21,14 @@ from timl.data.corpus import help_topic_documents, module_docstring_documents
 from timl.data.encoders import gpt2_bpe_files, load_tiktoken_encoding
 from timl.data.shards import list_shards, read_header, write_shard
 from timl.data.tokenize import (
-    PYTHON_DOCS_VALIDATION_TOKENS,
-    TokenizeArguments,
-    TokenizeError,
-    TokenizeSummary,
-    main,
-    prepare_python_docs,
-    tokenize_dataset,
-)
+                                PYTHON_DOCS_VALIDATION_TOKENS,
+                                TokenizeArguments,
+                                TokenizeError,
+                                TokenizeSummary,
+                                main,
+                                prepare_python_docs,
+                                tokenize_dataset,
+                                )
 
 GPT2_EOT = 50256
 TOKENS_PER_FILE = 64

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import timl.loss.chunked as chunked_loss
-from timl.loss.chunked import chunked_token_losses, default_chunk_rows, linear_cross_entropy, training_chunk_rows
+from timl.loss.chunked import (chunked_linear_cross_entropy, chunked_token_losses, default_chunk_rows,
+                               training_chunk_rows)
 from timl.loss.cross_entropy import IGNORE_INDEX
 
 BATCH, SEQUENCE, WIDTH, ROWS = 2, 19, 16, 64
@@ -92,7 +93,7 @@ def test_loss_and_gradients_match_full_logits(head, chunk_size):
     inputs = make_inputs(HEADS[head])
     options = head_options(HEADS[head])
     expected = values_and_grads(reference_losses, inputs, **options)
-    actual = values_and_grads(linear_cross_entropy, inputs, chunk_size=chunk_size, **options)
+    actual = values_and_grads(chunked_linear_cross_entropy, inputs, chunk_size=chunk_size, **options)
     for got, want in zip(actual, expected):
         assert got.dtype == want.dtype
         assert_close(got, want)
@@ -109,7 +110,7 @@ def test_z_loss_and_cross_entropy_carry_their_own_gradients(weights):
     inputs = make_inputs(head)
     options = {**head_options(head), "z_loss_coefficient": 0.05}
     expected = values_and_grads(reference_losses, inputs, weights, **options)
-    actual = values_and_grads(linear_cross_entropy, inputs, weights, chunk_size=8, **options)
+    actual = values_and_grads(chunked_linear_cross_entropy, inputs, weights, chunk_size=8, **options)
     assert float(expected[1]) > 0.01 * float(expected[0])  # the z-loss is large enough to matter
     for got, want in zip(actual, expected):
         assert_close(got, want)
@@ -121,7 +122,7 @@ def test_bf16_inputs_stay_close_to_the_fp32_reference(head):
     inputs = make_inputs(head, dtype=torch.bfloat16)
     options = {**head_options(head), "z_loss_coefficient": 0.05}
     expected = values_and_grads(reference_losses, inputs, (0.3, 2.0), **options)
-    actual = values_and_grads(linear_cross_entropy, inputs, (0.3, 2.0), chunk_size=8, **options)
+    actual = values_and_grads(chunked_linear_cross_entropy, inputs, (0.3, 2.0), chunk_size=8, **options)
     assert actual[0].dtype == actual[1].dtype == torch.float32
     assert all(grad.dtype == torch.bfloat16 for grad in actual[2:])
     for got, want in zip(actual[:2], expected[:2]):
@@ -135,8 +136,8 @@ def compiled_matches_eager(backend: str, chunk_size: int | None) -> None:
     head = HEADS["combined"]
     inputs = make_inputs(head)
     options = {**head_options(head), "z_loss_coefficient": 0.05, "chunk_size": chunk_size}
-    compiled = torch.compile(linear_cross_entropy, backend=backend, fullgraph=True)
-    expected = values_and_grads(linear_cross_entropy, inputs, (0.3, 2.0), **options)
+    compiled = torch.compile(chunked_linear_cross_entropy, backend=backend, fullgraph=True)
+    expected = values_and_grads(chunked_linear_cross_entropy, inputs, (0.3, 2.0), **options)
     actual = values_and_grads(compiled, inputs, (0.3, 2.0), **options)
     for got, want in zip(actual, expected):
         assert_close(got, want)
@@ -162,10 +163,10 @@ def test_without_grad_mode_no_gradient_work_is_done(monkeypatch):
     expected = reference_losses(**inputs, **options)
     monkeypatch.setattr(chunked_loss, "_chunk_maths", refuse)
     with torch.no_grad():
-        actual = linear_cross_entropy(**inputs, chunk_size=8, **options)
+        actual = chunked_linear_cross_entropy(**inputs, chunk_size=8, **options)
     frozen = {**inputs, "hidden": inputs["hidden"].detach(), "weight": inputs["weight"].detach(),
               "bias": inputs["bias"].detach()}
-    frozen_actual = linear_cross_entropy(**frozen, chunk_size=8, **options)
+    frozen_actual = chunked_linear_cross_entropy(**frozen, chunk_size=8, **options)
     for outputs in (actual, frozen_actual):
         for got, want in zip(outputs, expected):
             assert not got.requires_grad
@@ -178,7 +179,7 @@ def test_frozen_weight_still_gives_the_hidden_gradient():
     inputs["weight"] = inputs["weight"].detach()
     inputs["bias"] = inputs["bias"].detach()
     options = head_options(head)
-    ce, _ = linear_cross_entropy(**inputs, chunk_size=8, **options)
+    ce, _ = chunked_linear_cross_entropy(**inputs, chunk_size=8, **options)
     (grad,) = torch.autograd.grad(ce, inputs["hidden"])
     (expected,) = torch.autograd.grad(reference_losses(**inputs, **options)[0], inputs["hidden"])
     assert_close(grad, expected)
@@ -238,15 +239,15 @@ def test_under_autocast_the_head_multiplies_in_bf16_once_and_returns_fp32_gradie
     """Under autocast the chunked head multiplies in bf16, as the model's own head would, and the gradients come
     back in the inputs' fp32: within bf16 rounding of the fp32 reference, and as close to it as the one-piece
     head under the same autocast."""
-    from timl.loss.cross_entropy import linear_cross_entropy as any_path
+    from timl.loss.cross_entropy import linear_cross_entropy as one_piece_head
 
     head = HEADS["combined"]
     inputs = make_inputs(head)
     options = {**head_options(head), "z_loss_coefficient": 0.05}
     expected = values_and_grads(reference_losses, inputs, (0.3, 2.0), **options)
     with torch.autocast("cpu", torch.bfloat16):
-        actual = values_and_grads(linear_cross_entropy, inputs, (0.3, 2.0), chunk_size=8, **options)
-        one_piece = values_and_grads(any_path, inputs, (0.3, 2.0), path="full", **options)
+        actual = values_and_grads(chunked_linear_cross_entropy, inputs, (0.3, 2.0), chunk_size=8, **options)
+        one_piece = values_and_grads(one_piece_head, inputs, (0.3, 2.0), **options)
     assert all(grad.dtype == torch.float32 for grad in actual[2:])
     for got, piece, want in zip(actual, one_piece, expected):
         assert relative_error(got, want) < 2e-2
@@ -256,7 +257,7 @@ def test_under_autocast_the_head_multiplies_in_bf16_once_and_returns_fp32_gradie
 
 def test_a_second_backward_through_the_same_loss_is_refused():
     inputs = make_inputs(HEADS["plain"])
-    ce, _ = linear_cross_entropy(**inputs, chunk_size=8)
+    ce, _ = chunked_linear_cross_entropy(**inputs, chunk_size=8)
     ce.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         ce.backward()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import TINY_GPT2, read_metrics
-from timl.train.pretrain import ModelArguments, make_model, pretrain
+from timl.config import ModelArguments
+from timl.train.pretrain import make_model, pretrain
 from timl.train.trainer import Trainer
 from uneven_batches import UnevenLoader, micro_batch_mean_loss, token_mean_loss, train_args
 
@@ -84,7 +85,7 @@ def test_the_z_loss_reaches_the_gradients_on_every_loss_path(tmp_path, path):
     recorder = GradientRecorder(model.parameters(), lr=0.0)
     trainer = Trainer(model, args, train_loader_factory=UnevenLoader, optimizers=(recorder, None))
     trainer.train()
-    assert trainer.loss_path == path
+    assert trainer.training_loss.path == path
 
     parameters = list(reference.parameters())
     cross_entropy = token_mean_loss(reference)

@@ -23,10 +23,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from architectures import ARCHITECTURES, tiny_model, tiny_values
 from conftest import read_metrics, write_learnable_shards
-from timl.config.arguments import TrainingArguments
-from timl.loss.cross_entropy import next_token_loss
-from timl.model.build import CausalLMForTraining, build_config, choose_loss_path, output_layer, read_head
-from timl.train.pretrain import ModelArguments, make_model
+from timl.config import ModelArguments, TrainingArguments
+from timl.loss.select import choose_training_loss
+from timl.model.forward import TrainingLoss
+from timl.model.build import build_config
+from timl.model.forward import CausalLMForTraining
+from timl.model.head import output_layer, read_head
+from timl.train.pretrain import make_model
 from timl.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,12 +72,13 @@ def test_every_cpu_loss_path_gives_the_models_own_loss_and_gradients(model_type)
     expected = own_loss(model, inputs["input_ids"], inputs["labels"]) / count
     expected.backward()
     reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    path, head = choose_loss_path(model, "auto", torch.device("cpu"), {})
-    assert path == "full" and head == read_head(model)
-    assert choose_loss_path(model, "auto", torch.device("cuda"), {}) == ("chunked", head)  # a GPU's default
+    chosen = choose_training_loss(model, "auto", torch.device("cpu"), {})
+    assert chosen.path == "full" and chosen.head == read_head(model)
+    on_gpu = choose_training_loss(model, "auto", torch.device("cuda"), {})
+    assert (on_gpu.path, on_gpu.head) == ("chunked", chosen.head)  # a GPU's default
     for path in ("logits", "full", "chunked"):
         model.zero_grad()
-        training = CausalLMForTraining(model, next_token_loss, path, None if path == "logits" else head, {}, {},
+        training = CausalLMForTraining(model, TrainingLoss(path, None if path == "logits" else chosen.head), {},
                                        return_outputs=False)
         loss = training(inputs, count)[0]
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5), path
@@ -142,12 +146,12 @@ class DoubledLogits(torch.nn.Module):
 def test_a_head_timl_cannot_reproduce_trains_on_the_models_own_logits_and_says_so(caplog):
     model = DoubledLogits(tiny_model("llama"))
     with caplog.at_level(logging.WARNING):
-        path, head = choose_loss_path(model, "chunked", torch.device("cpu"), {})
-    assert (path, head) == ("logits", None)
+        chosen = choose_training_loss(model, "chunked", torch.device("cpu"), {})
+    assert (chosen.path, chosen.head) == ("logits", None)
     assert "Training on the model's own logits, not the chunked loss path" in caplog.text
     inputs = batch()
     count = (inputs["labels"] != -100).sum().float()
-    training = CausalLMForTraining(model, next_token_loss, path, head, {}, {}, return_outputs=False).eval()
+    training = CausalLMForTraining(model, chosen, {}, return_outputs=False).eval()
     with torch.no_grad():
         assert training(inputs, count)[0].item() == pytest.approx(
             (own_loss(model, inputs["input_ids"], inputs["labels"]) / count).item(), rel=1e-6)
@@ -223,10 +227,9 @@ def test_loss_paths_under_compile_match_an_fp32_reference_on_the_gpu(model_type)
         if path is None:  # the fp32 eager reference: the model's own logits
             loss = own_loss(model, inputs["input_ids"], inputs["labels"]) / count
         else:
-            chosen, head = choose_loss_path(model, path, torch.device("cuda"), {})
-            assert chosen == path
-            training = torch.compile(CausalLMForTraining(model, next_token_loss, path, head, {}, {},
-                                                         return_outputs=False))
+            chosen = choose_training_loss(model, path, torch.device("cuda"), {})
+            assert chosen.path == path
+            training = torch.compile(CausalLMForTraining(model, chosen, {}, return_outputs=False))
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = training(inputs, count)[0]
         loss.backward()

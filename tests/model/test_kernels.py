@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
-from timl.config.arguments import TrainingArguments
-from timl.model.kernels import available
+from timl.config import ModelArguments, TrainingArguments
 from timl.loss.cross_entropy import linear_cross_entropy
-from timl.model.build import CausalLMForTraining, Head, pad_vocab
-from timl.loss.cross_entropy import next_token_loss
-from timl.model.build import build_config, build_model
-from timl.train.pretrain import ModelArguments, pretrain
+from timl.loss.select import choose_training_loss, fused_kernel_missing
+from timl.model.forward import TrainingLoss, head_loss
+from timl.model.build import build_config, build_model, pad_vocab
+from timl.model.forward import CausalLMForTraining
+from timl.model.head import Head
+from timl.train.pretrain import pretrain
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,8 +42,8 @@ def test_the_fused_torch_path_equals_the_logits_path_of_the_same_model():
     model = build_model(build_config("gpt2", TINY_GPT2))
     inputs = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
     count = torch.tensor(32.0)
-    fused = CausalLMForTraining(model, next_token_loss, "full", Head(), {}, {}, return_outputs=False)(inputs, count)[0]
-    plain = CausalLMForTraining(model, next_token_loss, "logits", None, {}, {}, return_outputs=False)(inputs, count)[0]
+    fused = CausalLMForTraining(model, TrainingLoss("full", Head()), {}, return_outputs=False)(inputs, count)[0]
+    plain = CausalLMForTraining(model, TrainingLoss("logits"), {}, return_outputs=False)(inputs, count)[0]
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
@@ -55,12 +56,11 @@ def test_pad_vocab_states_both_sizes_in_the_config():
 
 @pytest.mark.parametrize("path", ["liger", "cut_cross_entropy"])
 def test_a_fused_kernel_without_cuda_falls_back_to_the_default_path_and_says_so(path, caplog):
-    from timl.model.build import choose_loss_path
-
-    assert available(path, torch.device("cpu")) is not None
+    assert fused_kernel_missing(path, torch.device("cpu")) is not None
     model = build_model(build_config("gpt2", TINY_GPT2))
     with caplog.at_level(logging.WARNING):
-        assert choose_loss_path(model, path, torch.device("cpu"), {}) == ("full", Head())
+        chosen = choose_training_loss(model, path, torch.device("cpu"), {})
+    assert (chosen.path, chosen.head) == ("full", Head())
     assert "training on the default loss path instead" in caplog.text
 
 
@@ -107,9 +107,9 @@ def test_loss_paths_match_an_fp32_reference_on_the_gpu(path, vocab, rows):
         reference = F.cross_entropy(reference_h @ reference_w[:vocab].T, labels, ignore_index=-100, reduction="sum")
         reference.backward()
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        function = torch.compile(linear_cross_entropy) if name.endswith("_compiled") else linear_cross_entropy
+        function = torch.compile(head_loss) if name.endswith("_compiled") else head_loss
         loss, _ = function(h, w, labels, vocab_size=vocab, path=name.removesuffix("_compiled"),
-                           kwargs={"impl": impl} if impl else {})
+                           options={"impl": impl} if impl else {})
         loss.backward()
         relative = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
         errors["forward"] = max(errors["forward"], abs(loss.item() - reference.item()) / abs(reference.item()))

@@ -61,7 +61,7 @@ def test_fp8_output_head_trains_the_tied_head_in_fp8_and_saves_a_loadable_model(
     # GPT-2's blocks are Conv1D, so the head is its one linear layer: FP8, and still the embedding's tensor.
     assert type(model.lm_head).__name__ == "Float8Linear"
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert trainer.loss_path == "logits"
+    assert trainer.training_loss.path == "logits"
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r]
     assert len(losses) == 20 and losses[-1] < 0.8 * losses[0]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "main")
@@ -89,13 +89,15 @@ def test_fp8_output_head_needs_fp8_and_the_models_own_logits():
 def saved_bytes_of_a_compiled_step(budget: float | None = None, **arguments: Any) -> tuple[int, float]:
     """Bytes the compiled training module keeps for its backward (through autograd's saved-tensor hooks), and the
     loss, with timl's compile_model given `budget` and the other training `arguments`."""
-    from timl.loss.cross_entropy import next_token_loss
-    from timl.model.build import CausalLMForTraining, compile_model, read_head
+    from timl.model.forward import TrainingLoss
+    from timl.model.build import compile_model
+    from timl.model.forward import CausalLMForTraining
+    from timl.model.head import read_head
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(build_config("gpt2", TINY_GPT2))
-    training = CausalLMForTraining(model, next_token_loss, "full", read_head(model), {}, {}, return_outputs=False)
+    training = CausalLMForTraining(model, TrainingLoss("full", read_head(model)), {}, return_outputs=False)
     args = TrainingArguments(output_dir="unused", torch_compile=True, activation_memory_budget=budget, **arguments)
     step = compile_model(training, model, args)
     tokens = torch.randint(0, 64, (4, 33))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
-from timl.config.arguments import TrainingArguments
+from timl.config import TrainingArguments
 from timl.cli import main as timl_main
 from timl.report.metrics import Accuracy
 from timl.report.plot import PANEL_HEIGHT, WIDTH, build_figures, load_run, main, pyplot
@@ -25,7 +25,8 @@ FIGURES = ["loss.png", "lr.png", "throughput.png", "grad_norm.png", "metrics.png
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
     """Two real runs that differ in learning rate, with an accuracy metric at train and eval."""
-    from timl.train.pretrain import ModelArguments, pretrain
+    from timl.config import ModelArguments
+    from timl.train.pretrain import pretrain
 
     data = tmp_path_factory.mktemp("data")
     write_learnable_shards(data, 4096, "train")

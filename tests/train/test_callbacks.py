@@ -10,9 +10,9 @@ import pytest
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.checkpoint import manager as checkpoint
-from timl.config.arguments import TrainingArguments
+from timl.config import ModelArguments, TrainingArguments
 from timl.train.callbacks import EarlyStopping, TrainerCallback
-from timl.train.pretrain import ModelArguments, pretrain
+from timl.train.pretrain import pretrain
 
 
 @pytest.fixture

@@ -19,14 +19,14 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from architectures import ARCHITECTURES, tiny_model
-from timl.config.arguments import TrainingArguments, parse_args
+from timl.config import ModelArguments, OptimizerArguments, TrainingArguments, parse_args
 from timl.checkpoint.manager import load_weights
 from timl.loss.cross_entropy import linear_cross_entropy
 from timl.model.build import build_config, build_model
 from timl.optim import (LR_SCALE, build_optimizer_set, check_groups, create_optimizers, fused_adamw,
                         parameter_kinds, transposed_weight_names)
 from timl.checkpoint.state import load_training_state, save_training_state
-from timl.train.pretrain import ModelArguments, pretrain
+from timl.train.pretrain import pretrain
 from timl.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,7 +187,7 @@ def torch_muon_scale(rows: int, cols: int) -> float:
 
 
 def test_muon_decays_by_muon_weight_decay_and_adamw_by_weight_decay(data):
-    assert TrainingArguments.muon_weight_decay == 0.0  # modded-nanogpt's GPT-2 runs give Muon no weight decay
+    assert OptimizerArguments.muon_weight_decay == 0.0  # modded-nanogpt's GPT-2 runs give Muon no weight decay
     model = build_model(build_config("gpt2", TINY_GPT2))
     for muon_weight_decay in (0.0, 0.01):
         optimizers = dict(create_optimizers(model, tiny_args(data, optim="muon", weight_decay=0.1,
@@ -381,7 +381,7 @@ def test_two_optimizers_with_their_own_schedules_resume_exactly(data):
 
 TWO_RANK_MUON = textwrap.dedent("""
     import json, sys, torch
-    from timl.config.arguments import TrainingArguments
+    from timl.config import TrainingArguments
     from timl.model.build import build_config, build_model
     from timl.train.trainer import Trainer
     data, out, overrides = sys.argv[1:4]

@@ -3,6 +3,7 @@ lifecycle: resume, a finished run, the summary of a resumed run, a crash."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -23,14 +24,15 @@ from transformers.trainer_utils import SchedulerType
 import nonfinite_worker
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.checkpoint import manager as checkpoint
-from timl.config.arguments import METRIC_SCHEDULERS, TrainingArguments, parse_args
+from timl.config import ModelArguments, TrainingArguments, parse_args
+from timl.config.arguments import METRIC_SCHEDULERS
 from timl.report.metrics import Accuracy, Perplexity
 from timl.optim import OptimizerSet
-from timl.train.pretrain import ModelArguments, make_model, pretrain
+from timl.train.pretrain import make_model, pretrain
 from timl.checkpoint.run_folder import LOCK_FILE
 from timl.data.shards import write_shard
 from timl.train.trainer import NonFiniteLossError, Trainer
-from timl.report.window import StepSignals
+from timl.train.step import StepSignals
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +81,19 @@ def test_a_fresh_trainer_evaluates_before_training_and_writes_nothing(data):
     values = Trainer(make_model(ModelArguments(config_overrides=TINY_GPT2), args), args).evaluate()
     assert values["eval_loss"] == pytest.approx(np.log(64), rel=0.1)  # about ln(vocab) at initialisation
     assert not (data_dir / "run").exists()
+
+
+def test_evaluation_runs_compiled_when_training_is_and_gives_the_eager_values(data):
+    data_dir, _ = data
+    args = tiny_args(data_dir, max_eval_steps=2)
+    eager = Trainer(make_model(ModelArguments(config_overrides=TINY_GPT2), args), args).evaluate()
+    compiled_args = dataclasses.replace(args, torch_compile=True)
+    trainer = Trainer(make_model(ModelArguments(config_overrides=TINY_GPT2), compiled_args), compiled_args)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = trainer.evaluate()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the evaluation's forward was compiled
+    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-5)
 
 
 def test_logged_eval_loss_equals_an_independent_cross_entropy_of_the_saved_model(data):
@@ -215,18 +230,31 @@ def test_arguments_load_from_yaml(tmp_path):
     assert args.lr_scheduler_kwargs == {"num_decay_steps": 10}
 
 
-def test_bad_arguments_are_all_reported_at_once(tmp_path):
+def test_bad_arguments_are_all_reported_at_once(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as error:
         TrainingArguments(train_file_pattern=str(tmp_path / "missing_*.bin"), train_batch_size=10,
                           per_device_train_batch_size=4, max_train_steps=5, max_train_tokens=100,
                           lr_scheduler_type="bogus", lr_scheduler_kwargs="{not json", report_to="nonsense",
                           push_to_hub=True)
     message = str(error.value)
-    for expected in ("--train_file_pattern: No file matches", "--train_batch_size 10 is not a multiple",
+    for expected in ("--train_batch_size 10 is not a multiple",
                      "--max_train_steps and --max_train_tokens contradict", "--lr_scheduler_type 'bogus'",
                      "--lr_scheduler_kwargs is not valid JSON", "unknown trackers: nonsense",
                      "--push_to_hub needs --hub_model_id"):
         assert expected in message
+    # The files are checked when the run starts, before the model is built.
+    args = TrainingArguments(train_file_pattern=str(tmp_path / "missing_*.bin"),
+                             eval_file_pattern=str(tmp_path / "nothing_*.bin"), report_to="none",
+                             output_dir=str(tmp_path / "run"))
+
+    def no_model(*_):
+        raise AssertionError("the model was built before the files were checked")
+
+    monkeypatch.setattr("timl.train.pretrain.make_model", no_model)
+    with pytest.raises(ValueError) as error:
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args)
+    assert "--train_file_pattern: No file matches" in str(error.value)
+    assert "--eval_file_pattern: No file matches" in str(error.value)
 
 
 def test_block_size_beyond_the_model_fails_before_training(data):
@@ -405,7 +433,7 @@ def test_an_exception_mid_run_closes_the_trackers_and_lets_pending_uploads_finis
     monkeypatch.setattr(Accelerator, "end_training", lambda self: (ended.append(True), end_training(self))[1])
     args = tiny_args(data_dir, max_train_steps=8, save_every_steps=4, eval_every_steps=0, train_batch_size=4,
                      push_to_hub=True, hub_target=str(uploads))
-    factory = lambda args, accelerator: FailsAtBatch(train_loader(args, accelerator, vocab_size=64), 5)
+    factory = lambda args, accelerator: FailsAtBatch(train_loader(args, accelerator, vocab_size=64, seed=0), 5)
     from timl.train.callbacks import TrainerCallback
 
     class RecordsErrors(TrainerCallback):

@@ -139,8 +139,9 @@ def shared(output_dir: str, result_dir: str) -> None:
 
 def pause(*argv: str) -> None:
     from timl.checkpoint import manager as checkpoint
-    from timl.config.arguments import TrainingArguments, parse_args
-    from timl.train.pretrain import ModelArguments, pretrain
+    from timl.config import TrainingArguments, parse_args
+    from timl.config import ModelArguments
+    from timl.train.pretrain import pretrain
 
     real = checkpoint.save_training_state
 
@@ -155,9 +156,10 @@ def pause(*argv: str) -> None:
 
 
 def stop_writing_on_rank_1(result_dir: str, *argv: str) -> None:
-    from timl.config.arguments import TrainingArguments, parse_args
+    from timl.config import TrainingArguments, parse_args
     from timl.train.callbacks import TrainerCallback
-    from timl.train.pretrain import ModelArguments, pretrain
+    from timl.config import ModelArguments
+    from timl.train.pretrain import pretrain
 
     rank = int(os.environ["RANK"])
     _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -178,7 +180,7 @@ def stop_writing_on_rank_1(result_dir: str, *argv: str) -> None:
 
 
 def resolve_latest(output_dir: str, result_dir: str) -> None:
-    from timl.checkpoint import manager as checkpoint, manifest
+    from timl.checkpoint import manager as checkpoint, state as manifest
 
     dist.init_process_group("gloo")
     hashed, warnings = [], []

@@ -15,9 +15,9 @@ import torch
 # Run as a script, this folder alone is on the path; the tests' shared helpers live one up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_GPT2  # noqa: E402
-from timl.config.arguments import TrainingArguments
+from timl.config import ModelArguments, TrainingArguments
 from timl.loss.cross_entropy import next_token_loss
-from timl.train.pretrain import ModelArguments, pretrain, recipe_process
+from timl.train.pretrain import pretrain, recipe_process
 
 
 class NaNAtStep:

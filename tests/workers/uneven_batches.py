@@ -82,7 +82,7 @@ def token_mean_loss(model: torch.nn.Module, step: int = 0, z_loss_coefficient: f
 
 
 def train_args(output_dir: Path, **overrides: Any):
-    from timl.config.arguments import TrainingArguments
+    from timl.config import TrainingArguments
 
     values = dict(output_dir=str(output_dir), block_size=BLOCK, train_batch_size=ROWS, per_device_train_batch_size=2,
                   max_train_steps=1, log_every_steps=1, eval_every_steps=0, save_every_steps=0, report_to="none",
@@ -92,7 +92,8 @@ def train_args(output_dir: Path, **overrides: Any):
 
 def main(output_dir: Path, loss_implementation: str) -> None:
     from conftest import TINY_GPT2
-    from timl.train.pretrain import ModelArguments, pretrain
+    from timl.config import ModelArguments
+    from timl.train.pretrain import pretrain
 
     args = train_args(output_dir, loss_implementation=loss_implementation)
     pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=UnevenLoader)

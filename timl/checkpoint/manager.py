@@ -43,12 +43,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
+from timl.checkpoint.durable import (atomic_directory, publish_directory, remove_directory, synced_file,
+                                     temporary_directory, temporary_path)
+from timl.checkpoint.state import (REQUIRED_FILES, TRAINER_STATE, CheckpointError, export_hf_model, file_entry,
+                                   load_training_state, naming_file, os_error_of, read_json, save_training_state,
+                                   verify, write_json, write_manifest, write_model_config)
 from timl.collectives import all_ranks, from_rank_0, rank_and_world_size
-from timl.checkpoint.durable import (atomic_directory, publish_directory, remove_directory, synced_file, temporary_directory,
-                          temporary_path)
-from timl.checkpoint.manifest import REQUIRED_FILES, file_entry, verify, write_manifest
-from timl.checkpoint.state import (TRAINER_STATE, CheckpointError, export_hf_model, load_training_state, naming_file,
-                              os_error_of, read_json, save_training_state, write_json, write_model_config)
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +278,17 @@ def check_free_space(output_dir: str | Path, estimate: int) -> bool:
 class Checkpointer:
     """Saves, prunes, uploads and loads the checkpoints of one run. Every process calls save and load together.
 
-    `model` is the module as trained (DDP-wrapped, fully_shard-ed or plain); `base_model` is the model inside it
-    (the Hugging Face one), whose names and config the checkpoint keeps; `tokenizer`, if given, is saved beside them.
+    `args` is the checkpoint group of the arguments (output_dir, save_total_limit). `model` is the module as trained
+    (DDP-wrapped, fully_shard-ed or plain); `base_model` is the model inside it (the Hugging Face one), whose names
+    and config the checkpoint keeps; `tokenizer`, if given, is saved beside them. `data_order` holds this run's
+    values of DATA_ORDER_KEYS, which a checkpoint must share to be resumed.
     """
 
     def __init__(self, args: Any, accelerator: Any, start_uploader: Callable[[], Any] | None = None, *,
-                 model: torch.nn.Module, base_model: torch.nn.Module | None = None, tokenizer: Any = None):
+                 model: torch.nn.Module, base_model: torch.nn.Module | None = None, tokenizer: Any = None,
+                 data_order: dict[str, Any] | None = None):
         self.args, self.accelerator, self.tokenizer = args, accelerator, tokenizer
+        self.data_order = dict(data_order or {})
         self.model, self.base_model = model, base_model if base_model is not None else model
         self.output_dir = Path(args.output_dir)
         self.start_uploader, self.uploader = start_uploader, None
@@ -306,7 +310,8 @@ class Checkpointer:
         and leaves no unfinished folder behind."""
         directory = self.output_dir / f"step{step}"
         temporary = temporary_path(directory, per_process=False)
-        trainer_state = {**state, "step": step, "world_size": self.accelerator.num_processes,
+        trainer_state = {**state, "data_order": self.data_order, "step": step,
+                         "world_size": self.accelerator.num_processes,
                          "optimizers": optimizers.names}
         try:
             self._on_every_rank(directory, lambda: temporary_directory(directory, per_process=False),
@@ -392,7 +397,7 @@ class Checkpointer:
         """Restores everything but the RNG (see restore_rng), resharded onto this run's processes; returns the saved
         trainer state."""
         state = read_trainer_state(path)
-        check_compatible(state.get("data_order", {}), {k: getattr(self.args, k) for k in DATA_ORDER_KEYS}, path)
+        check_compatible(state.get("data_order", {}), self.data_order, path)
         if state.get("optimizers") != optimizers.names:
             raise CheckpointError(f"{path} holds the state of optimizers {state.get('optimizers')}, but this run has "
                                   f"{optimizers.names}; resume with the same --optim.")

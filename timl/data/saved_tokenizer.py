@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from timl.checkpoint.durable import publish_file, temporary_directory
 from timl.data.encoders import (TIKTOKEN_EOT, TextEncoder, TiktokenEncoder, TokenizersEncoder, TransformersEncoder,
-                           gpt2_bpe_files, load_tiktoken_encoding)
+                                gpt2_bpe_files, load_tiktoken_encoding)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

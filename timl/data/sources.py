@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from timl.config.arguments import DataArguments
 from timl.data.loader import BatchLoader, ShardLoader
 from timl.data.mixture import MixtureLoader
 from timl.data.shards import ShardError, list_shards
@@ -105,35 +106,35 @@ def is_mixture(value: str | Sequence[Mapping[str, Any]] | None) -> bool:
         return False
 
 
-def train_loader(args: Any, accelerator: Any, *, vocab_size: int | None) -> BatchLoader:
+def train_loader(data: DataArguments, accelerator: Any, *, vocab_size: int | None, seed: int) -> BatchLoader:
     """The default train loader factory: a repeating ShardLoader over --train_file_pattern, or a MixtureLoader over
-    its sources; shuffled with --shuffle, seeded by --seed."""
-    if args.train_file_pattern is None:
+    its sources; shuffled with --shuffle, in an order drawn from `seed` (--seed)."""
+    if data.train_file_pattern is None:
         raise ValueError("--train_file_pattern is needed to load train data (or pass a train_loader_factory).")
-    sources = parse_sources(args.train_file_pattern, "--train_file_pattern")
-    common = dict(block_size=args.block_size, per_device_batch_size=args.per_device_train_batch_size,
+    sources = parse_sources(data.train_file_pattern, "--train_file_pattern")
+    common = dict(block_size=data.block_size, per_device_batch_size=data.per_device_train_batch_size,
                   rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
-                  vocab_size=vocab_size, shuffle=args.shuffle, seed=args.seed)
+                  vocab_size=vocab_size, shuffle=data.shuffle, seed=seed)
     if len(sources) == 1:
         return ShardLoader(sources[0].pattern, repeat=True, **common)
     return MixtureLoader({s.name: (s.pattern, 1.0 if s.weight is None else s.weight) for s in sources}, **common)
 
 
-def eval_loader(args: Any, accelerator: Any, *, pattern: str, vocab_size: int | None) -> ShardLoader:
+def eval_loader(data: DataArguments, accelerator: Any, *, pattern: str, vocab_size: int | None) -> ShardLoader:
     """One eval set, whole: every token once, the last batch padded, the same number of batches on every rank."""
-    return ShardLoader(pattern, block_size=args.block_size, per_device_batch_size=args.per_device_eval_batch_size,
+    return ShardLoader(pattern, block_size=data.block_size, per_device_batch_size=data.per_device_eval_batch_size,
                        rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
-                       max_tokens=args.max_eval_tokens, vocab_size=vocab_size, pad_last=True)
+                       max_tokens=data.max_eval_tokens, vocab_size=vocab_size, pad_last=True)
 
 
-def eval_loader_factories(args: Any, custom: Callable[[Any, Any], BatchLoader] | None,
+def eval_loader_factories(data: DataArguments, custom: Callable[[Any, Any], BatchLoader] | None,
                           vocab_size: int | None) -> dict[str, Callable[[Any, Any], BatchLoader]]:
     """Metric prefix -> loader factory: {"eval_": ...} for a custom factory or one unnamed pattern, and
     "eval_<name>_" for each named eval set; empty without --eval_file_pattern."""
     if custom is not None:
         return {"eval_": custom}
-    if args.eval_file_pattern is None:
+    if data.eval_file_pattern is None:
         return {}
     return {"eval_" if source.name is None else f"eval_{source.name}_":
             functools.partial(eval_loader, pattern=source.pattern, vocab_size=vocab_size)
-            for source in parse_sources(args.eval_file_pattern, "--eval_file_pattern")}
+            for source in parse_sources(data.eval_file_pattern, "--eval_file_pattern")}

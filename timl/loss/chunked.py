@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from timl.loss.cross_entropy import IGNORE_INDEX, finish_head
+from timl.loss.cross_entropy import IGNORE_INDEX, finish_head, mask_vocab_padding, summed_z_loss, token_losses
 
 LogitsConsumer = Callable[[torch.Tensor, torch.Tensor], None]
 """Called with each chunk's fp32 logits [rows, vocab_size] and its labels [rows], e.g. to count correct argmaxes."""
@@ -75,36 +75,21 @@ def _exact_dtypes(device_type: str) -> torch.autocast:
     return torch.autocast(device_type, enabled=False)
 
 
-def _chunk_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy (0 where ignored), logsumexp, and the ignored rows' labels replaced by 0 for gathers."""
-    labelled = labels != IGNORE_INDEX
-    targets = torch.where(labelled, labels, 0)
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return torch.where(labelled, lse - target_logits, 0.0), lse, targets
-
-
-def _without_padding(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    if vocab >= logits.shape[1]:
-        return logits
-    padding = torch.arange(logits.shape[1], device=logits.device) >= vocab
-    return logits.masked_fill(padding, float("-inf"))
-
-
 def _chunk_maths(raw_logits: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float,
                  softcap: float | None, vocab: int, z_loss_coefficient: float, grad_dtype: torch.dtype
                  ) -> tuple[torch.Tensor, ...]:
     """Everything one training chunk needs between its matmuls, from its `hidden @ W.T` [rows, weight rows]: the
-    summed CE, the summed logsumexp² over labelled rows, the gradients of both with respect to `hidden @ W.T` (in
-    `grad_dtype`, zero in padding columns), and, with a bias, their fp32 column sums."""
+    summed CE, the summed z-loss, the gradients of both with respect to `hidden @ W.T` (in `grad_dtype`, zero in
+    padding columns), and, with a bias, their fp32 column sums."""
     capped = finish_head(raw_logits.float(), bias, scale, softcap)
-    logits = _without_padding(capped, vocab)
-    losses, lse, targets = _chunk_losses(logits, labels)
+    logits = mask_vocab_padding(capped, vocab)
+    losses, lse = token_losses(logits, labels)
     labelled = (labels != IGNORE_INDEX).unsqueeze(1)
+    targets = torch.where(labelled, labels.unsqueeze(1), 0)
     probs = torch.exp(logits - lse.unsqueeze(1))
     # d(CE)/dz = softmax(z) - onehot(target), on labelled rows; written pointwise so that it fuses.
     columns = torch.arange(logits.shape[1], device=logits.device)
-    d_ce = torch.where(labelled, torch.where(columns == targets.unsqueeze(1), probs - 1.0, probs), 0.0)
+    d_ce = torch.where(labelled, torch.where(columns == targets, probs - 1.0, probs), 0.0)
     # d(lse^2)/dz = 2 lse softmax(z): the z-loss pushes every logit down in proportion to its probability.
     d_z = torch.where(labelled, probs * (2.0 * z_loss_coefficient) * lse.unsqueeze(1), 0.0) \
         if z_loss_coefficient else None
@@ -114,8 +99,8 @@ def _chunk_maths(raw_logits: torch.Tensor, bias: torch.Tensor | None, labels: to
         chain = scale * (1.0 - (capped / softcap).square()) if softcap is not None else scale
         d_ce = d_ce * chain
         d_z = None if d_z is None else d_z * chain
-    lse_square = torch.where(labelled.squeeze(1), lse.square(), 0.0).sum()
-    outputs = [losses.sum(), lse_square, d_ce.to(grad_dtype), None if d_z is None else d_z.to(grad_dtype)]
+    z_loss = summed_z_loss(lse, labels, z_loss_coefficient)
+    outputs = [losses.sum(), z_loss, d_ce.to(grad_dtype), None if d_z is None else d_z.to(grad_dtype)]
     if bias is not None:
         outputs += [d_ce.sum(0), None if d_z is None else d_z.sum(0)]
     return tuple(outputs)
@@ -127,7 +112,8 @@ _COMPILED_CHUNK_MATHS: list[Callable[..., Any]] = []
 def _chunk_maths_for(device: torch.device) -> Callable[..., Any]:
     """On a GPU, the chunk maths compiled on its own: a few fused kernels that read each chunk's logits twice and
     write its gradient once, one graph for every full-size chunk. The chunk loop itself stays out of any enclosing
-    compiled graph (see linear_cross_entropy), so that each chunk's buffers are freed before the next one starts."""
+    compiled graph (see chunked_linear_cross_entropy), so that each chunk's buffers are freed before the next one
+    starts."""
     if device.type != "cuda":
         return _chunk_maths
     if not _COMPILED_CHUNK_MATHS:
@@ -177,7 +163,7 @@ class _InputGradients:
         return [hidden, weight, bias]
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Returns (summed CE, summed z-loss) and keeps their input gradients, computed in the forward."""
 
     @staticmethod
@@ -192,17 +178,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ce_grads = _InputGradients(hidden.shape, dtype, hidden.device, needs)
         z_grads = _InputGradients(hidden.shape, dtype, hidden.device, needs) if z_loss_coefficient else None
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        lse_square_sum = hidden.new_zeros((), dtype=torch.float32)
+        z_sum = hidden.new_zeros((), dtype=torch.float32)
         chunk_maths = _chunk_maths_for(hidden.device)
         with _exact_dtypes(hidden.device.type):
             matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
             for start in range(0, tokens, rows):
                 chunk = slice(start, start + rows)
                 chunk_hidden = matmul_hidden[chunk]
-                ce, lse_square, d_ce, d_z, *d_bias = chunk_maths(
+                ce, z_loss, d_ce, d_z, *d_bias = chunk_maths(
                     chunk_hidden @ matmul_weight.T, bias, labels[chunk], scale, softcap, vocab, z_loss_coefficient,
                     dtype)
-                ce_sum, lse_square_sum = ce_sum + ce, lse_square_sum + lse_square
+                ce_sum, z_sum = ce_sum + ce, z_sum + z_loss
                 d_bias = d_bias or [None, None]
                 ce_grads.add_chunk(d_ce, d_bias[0], chunk, chunk_hidden, matmul_weight)
                 if z_grads is not None:
@@ -214,7 +200,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.has_z_grads = z_grads is not None
         ctx.used = False
-        return ce_sum, z_loss_coefficient * lse_square_sum
+        return ce_sum, z_sum
 
     @staticmethod
     @once_differentiable
@@ -256,7 +242,7 @@ def _forward_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
             logits = finish_head(raw.float(), bias, scale, softcap)
             if logits_consumer is not None:
                 logits_consumer(logits, chunk_labels)
-            loss, lse, _ = _chunk_losses(logits, chunk_labels)
+            loss, lse = token_losses(logits, chunk_labels)
             losses.append(loss)
             lses.append(lse)
     return torch.cat(losses), torch.cat(lses)
@@ -266,10 +252,10 @@ def _forward_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 # (Llama-1B at 8 × 2048 tokens: 54.6 GiB against 42.8 for the one-piece head, on one H100); so the loop runs
 # between compiled regions, with each chunk's maths compiled apart (_chunk_maths_for).
 @torch.compiler.disable
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
-                         vocab_size: int | None = None, z_loss_coefficient: float = 0.0,
-                         chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                 bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
+                                 vocab_size: int | None = None, z_loss_coefficient: float = 0.0,
+                                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens, and the summed z-loss
     `z_loss_coefficient * sum(logsumexp^2)` over the same tokens, both fp32 scalars.
 
@@ -281,18 +267,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     labels = labels.reshape(-1).long()  # gather takes int64 indices only
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and any(needs):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, scale, softcap, vocab_size,
-                                         z_loss_coefficient, chunk_size, needs)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, scale, softcap, vocab_size,
+                                                z_loss_coefficient, chunk_size, needs)
     losses, lse = _forward_only(hidden, weight, labels, bias, scale, softcap, vocab_size, chunk_size, None)
-    lse_square_sum = torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
-    return losses.sum(), z_loss_coefficient * lse_square_sum
+    return losses.sum(), summed_z_loss(lse, labels, z_loss_coefficient)
 
 
 def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
                          vocab_size: int | None = None, chunk_size: int | None = None,
                          logits_consumer: LogitsConsumer | None = None) -> torch.Tensor:
-    """Per-token fp32 cross-entropy [N] (0 where ignored) for evaluation, with the head of `linear_cross_entropy`.
+    """Per-token fp32 cross-entropy [N] (0 where ignored) for evaluation, with the head of
+    `chunked_linear_cross_entropy`.
 
     `logits_consumer`, if given, sees each chunk's logits and labels in token order, so metrics that need logits
     work without the full logits ever existing. The result carries no gradient.

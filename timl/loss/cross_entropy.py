@@ -1,4 +1,6 @@
-"""Next-token losses, and how a user's loss function is made exact under gradient accumulation and DDP.
+"""Next-token cross-entropy and z-loss, written once: timl's own loss paths (all but the fused kernels), the
+evaluation and the metrics compute them through `token_losses`; the head's logits and their vocab padding; and how a
+user's loss function is made exact under gradient accumulation and DDP.
 
 The loader's labels are already shifted (labels[t] is the token after input_ids[t]), so the loss compares logits[t]
 with labels[t] directly. Hugging Face causal LMs would shift `labels=` a second time and train on token t+2, which
@@ -16,29 +18,54 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 """The label of a position with no target (cross-entropy's ignore_index): padding, and the token after the data's
 last. The loaders write it; every loss and metric skips it."""
-
-LOSS_PATHS = ("logits", "full", "chunked", "liger", "cut_cross_entropy")
-"""How the training loss is computed. logits: from the model's own forward. full: the checked head's logits from
-the hidden states, in one piece. chunked: the same, a chunk of tokens at a time, never holding the full logits.
-liger, cut_cross_entropy: those packages' fused kernels (CUDA only)."""
 
 LossFunction = Callable[..., torch.Tensor]
 """`loss(outputs, inputs, num_items_in_batch) -> share of the global mean`, or `loss(outputs, inputs) -> mean
 over this micro-batch's labelled tokens`; timl rescales the second kind into the first."""
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (0 where the label is IGNORE_INDEX) and logsumexp, of fp32 logits [tokens, vocab]
+    against labels [tokens]. The one logsumexp serves both the cross-entropy and the z-loss."""
+    labelled = labels != IGNORE_INDEX
+    log_normalizers = torch.logsumexp(logits, dim=-1)
+    # Ignored positions gather column 0 and are zeroed after: gather takes no -100.
+    target_logits = logits.gather(-1, torch.where(labelled, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labelled, log_normalizers - target_logits, 0.0), log_normalizers
+
+
+def summed_z_loss(log_normalizers: torch.Tensor, labels: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """coefficient × the sum of logsumexp² over the labelled tokens (PaLM's z-loss, summed like the loss)."""
+    if not coefficient:
+        return log_normalizers.new_zeros((), dtype=torch.float32)
+    return coefficient * torch.where(labels != IGNORE_INDEX, log_normalizers.square(), 0.0).sum()
+
+
+def cross_entropy_and_z_loss(logits: torch.Tensor, labels: torch.Tensor,
+                             z_loss_coefficient: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of logits [..., vocab] against labels [...], and the summed z-loss over the same
+    labelled tokens; in fp32, from one pass over the logits."""
+    labels = labels.flatten()
+    per_token, log_normalizers = token_losses(logits.flatten(0, -2).float(), labels)
+    return per_token.sum(), summed_z_loss(log_normalizers, labels, z_loss_coefficient)
+
+
+def z_loss(logits: torch.Tensor, labels: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """The summed z-loss alone, for a user's loss on the logits, whose cross-entropy (if any) is its own."""
+    if not coefficient:
+        return logits.new_zeros((), dtype=torch.float32)
+    return summed_z_loss(torch.logsumexp(logits.flatten(0, -2).float(), dim=-1), labels.flatten(), coefficient)
+
+
 def next_token_loss(outputs: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits[t] against the already-shifted labels[t], summed and divided by the global count."""
     logits = outputs.logits if hasattr(outputs, "logits") else outputs
-    summed = F.cross_entropy(
-        logits.flatten(0, -2).float(), inputs["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return summed / num_items_in_batch
+    cross_entropy, _ = cross_entropy_and_z_loss(logits, inputs["labels"])
+    return cross_entropy / num_items_in_batch
 
 
 def count_labelled(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -46,7 +73,8 @@ def count_labelled(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return (inputs["labels"] != IGNORE_INDEX).sum()
 
 
-def as_global_share(loss_function: LossFunction) -> Callable[[Any, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+def as_global_share(loss_function: LossFunction
+                    ) -> Callable[[Any, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
     """Adapts a loss function to return its micro-batch's share of the global mean (see the module docstring)."""
     parameters = inspect.signature(loss_function).parameters.values()
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -61,16 +89,14 @@ def as_global_share(loss_function: LossFunction) -> Callable[[Any, dict[str, tor
     return weighted_mean
 
 
-def cross_entropy_and_z_loss(logits: torch.Tensor, labels: torch.Tensor,
-                             z_loss_coefficient: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of [tokens, vocab] logits, and the summed z-loss (coefficient × logsumexp²) over the
-    labelled tokens."""
-    cross_entropy = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    if not z_loss_coefficient:
-        return cross_entropy, torch.zeros_like(cross_entropy)
-    log_normalizers = torch.logsumexp(logits, dim=-1)
-    z_loss = z_loss_coefficient * (log_normalizers.square() * (labels != IGNORE_INDEX)).sum()
-    return cross_entropy, z_loss
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """logits [..., weight rows] with the columns from `vocab_size` on (padded vocab rows) at -inf: no probability
+    mass, and no gradient. Logits given to users and metrics instead drop those columns."""
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
+    # Out of place, so that the compiler fuses the mask into the cross-entropy instead of keeping fp32 logits.
+    return logits.masked_fill(padding, float("-inf"))
 
 
 def finish_head(logits: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None) -> torch.Tensor:
@@ -88,46 +114,15 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 softcap: float | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """fp32 logits of an output head: (hidden @ weight.T + bias) × scale, softcapped; rows of weight from
     `vocab_size` on are padding and get -inf."""
-    logits = finish_head((hidden @ weight.T).float(), bias, scale, softcap)
-    if vocab_size is not None and weight.shape[0] > vocab_size:
-        # Out of place, so that the compiler fuses the mask into the cross-entropy instead of keeping fp32 logits.
-        padding = torch.arange(weight.shape[0], device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padding, float("-inf"))
-    return logits
+    return mask_vocab_padding(finish_head((hidden @ weight.T).float(), bias, scale, softcap), vocab_size)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
-                         vocab_size: int | None = None, z_loss_coefficient: float = 0.0, path: str = "full",
-                         kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy of the head's logits against labels (already shifted), over the first
-    `vocab_size` rows of weight; and the summed z-loss. `path` picks how (see LOSS_PATHS); all give the same
-    values up to rounding."""
-    hidden, labels = hidden.flatten(0, -2), labels.flatten()
-    vocab_size = vocab_size or weight.shape[0]
-    if path == "full":
-        logits = head_logits(hidden, weight, bias, scale, softcap, vocab_size)
-        return cross_entropy_and_z_loss(logits, labels, z_loss_coefficient)
-    if path == "chunked":
-        from timl.loss.chunked import linear_cross_entropy as chunked
-
-        return chunked(hidden, weight, labels, bias=bias, scale=scale, softcap=softcap, vocab_size=vocab_size,
-                       z_loss_coefficient=z_loss_coefficient, **(kwargs or {}))
-    if path in ("liger", "cut_cross_entropy"):
-        from timl.model import kernels
-
-        fused = kernels.liger_loss_sum if path == "liger" else kernels.cut_cross_entropy_loss_sum
-        return fused(hidden, weight, labels, bias=bias, scale=scale, softcap=softcap, vocab_size=vocab_size,
-                     z_loss_coefficient=z_loss_coefficient, kwargs=kwargs or {})
-    raise ValueError(f"Unknown loss path {path!r}; the paths are {', '.join(LOSS_PATHS)}.")
-
-
-def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                        bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
-                        vocab_size: int | None = None, logits_consumer: Any = None) -> torch.Tensor:
-    """Per-token cross-entropy [tokens] (0 where ignored) of the head's logits, a chunk of tokens at a time;
-    `logits_consumer(logits, labels)` sees each chunk's fp32 logits over the real vocab. For evaluation."""
-    from timl.loss.chunked import chunked_token_losses
-
-    return chunked_token_losses(hidden.flatten(0, -2), weight, labels.flatten(), bias=bias, scale=scale,
-                                softcap=softcap, vocab_size=vocab_size, logits_consumer=logits_consumer)
+                         vocab_size: int | None = None, z_loss_coefficient: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "full" loss path: summed next-token cross-entropy of the head's logits against labels (already shifted),
+    over the first `vocab_size` rows of weight, and the summed z-loss; the [tokens, vocab] logits in one piece.
+    timl.loss.chunked and timl.loss.fused compute the same without them."""
+    logits = head_logits(hidden.flatten(0, -2), weight, bias, scale, softcap, vocab_size)
+    return cross_entropy_and_z_loss(logits, labels, z_loss_coefficient)

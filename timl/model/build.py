@@ -1,10 +1,7 @@
-"""Models: built from a config or loaded with weights, their output head described and checked, vocab padding, and
-the training forward that returns the loss.
+"""Models: built from a config or loaded with weights, vocab padding, and what training needs of them before the
+first step: a config that saves, tied weights that stay tied, activation checkpointing, compilation.
 
-The head is the one place where causal LMs differ in ways a fused loss must copy. Most compute `hidden @ W.T`; some
-add a bias (Phi), scale the logits (Cohere, Granite, Falcon-H1) or softcap them (Gemma-2 and 3). timl reads what it
-can from the model, then checks at start-up, on a probe, that the head it will train through gives the model's own
-logits. When it does not, training runs on the model's own logits and says so: never on a different loss.
+The output head is described and checked in timl.model.head; the training forward is timl.model.forward.
 """
 
 from __future__ import annotations
@@ -12,20 +9,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from timl.loss import cross_entropy as losses
 from timl.checkpoint.state import write_model_config
+from timl.config.arguments import ATTENTION_CHOICES, ComputeArguments
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +36,6 @@ LOCAL_CONFIGS = {
                                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                                    rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)),
 }
-ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "flex_attention", "eager")
 
 
 def build_config(model_name: str, config_overrides: str | None = None, trust_remote_code: bool = False,
@@ -203,219 +196,6 @@ def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
     logger.info("Padded the vocab from %d to %d rows.", real, model.config.vocab_size)
 
 
-@dataclass(frozen=True)
-class Head:
-    """What the model does to `hidden @ weight.T` to make its logits: add `bias`, multiply by `scale`, then
-    softcap (`softcap · tanh(z / softcap)`)."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-    has_bias: bool = False
-
-    def describe(self) -> str:
-        parts = ["bias"] if self.has_bias else []
-        if self.scale != 1.0:
-            parts.append(f"scale {self.scale:g}")
-        if self.softcap is not None:
-            parts.append(f"softcap {self.softcap:g}")
-        return "matmul" + "".join(f" + {part}" for part in parts)
-
-
-def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The output projection's weight [vocab rows, hidden] and bias, or None if the model does not expose them."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
-        return head.weight, getattr(head, "bias", None)
-    if isinstance(getattr(model, "output_weight", None), torch.Tensor):
-        return model.output_weight, None
-    return None
-
-
-def read_head(model: torch.nn.Module) -> Head | None:
-    """The head as the model's attributes describe it, or None where the model has no hidden states and output
-    weight to fuse. `check_head` confirms it against the model's own logits."""
-    layer = output_layer(model)
-    if layer is None or not (hasattr(model, "base_model") or hasattr(model, "hidden_states")):
-        return None
-    config = getattr(model, "config", None)
-    scale = float(getattr(model, "logit_scale", None) or 1.0)  # Cohere keeps it on the model
-    if getattr(config, "logits_scaling", None):  # Granite divides
-        scale /= float(config.logits_scaling)
-    inner = getattr(model, "base_model", None)
-    if getattr(inner, "lm_head_multiplier", None):  # Falcon-H1 multiplies
-        scale *= float(inner.lm_head_multiplier)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return Head(scale=scale, softcap=float(softcap) if softcap else None, has_bias=layer[1] is not None)
-
-
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> torch.Tensor:
-    """The decoder's last hidden states: a custom model's `hidden_states(input_ids)`, or a Hugging Face model's
-    base model output."""
-    if hasattr(model, "hidden_states"):
-        return model.hidden_states(input_ids, **forward_kwargs)
-    return model.base_model(input_ids=input_ids, **forward_kwargs).last_hidden_state
-
-
-def model_outputs(model: torch.nn.Module, input_ids: torch.Tensor, forward_kwargs: dict[str, Any],
-                  vocab_size: int | None) -> Any:
-    """The model's own outputs (with `.logits`), with the logits of padded vocab rows dropped."""
-    outputs = model(input_ids=input_ids, **forward_kwargs)
-    if isinstance(outputs, torch.Tensor):  # a custom model that returns its logits
-        outputs = SimpleNamespace(logits=outputs)
-    if vocab_size is not None and outputs.logits.shape[-1] > vocab_size:
-        outputs.logits = outputs.logits[..., :vocab_size]
-    return outputs
-
-
-def _without_cache(model: torch.nn.Module, forward_kwargs: dict[str, Any]) -> dict[str, Any]:
-    # Training never reuses past keys and values: building the cache would only cost memory.
-    if hasattr(getattr(model, "config", None), "use_cache"):
-        return {"use_cache": False, **forward_kwargs}
-    return dict(forward_kwargs)
-
-
-@torch.no_grad()
-def check_head(model: torch.nn.Module, head: Head, forward_kwargs: dict[str, Any], vocab_size: int | None,
-               length: int = 16, tolerance: float = 1e-4) -> str | None:
-    """Runs the model once on a fixed probe, in fp32 and eval mode, and compares its own logits with the head's
-    from its hidden states. Returns None when they agree, else what differs."""
-    forward_kwargs = _without_cache(model, forward_kwargs)
-    weight, bias = output_layer(model)
-    rows = vocab_size or weight.shape[0]
-    probe = torch.randint(0, rows, (1, length), generator=torch.Generator().manual_seed(0)).to(weight.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(weight.device.type, enabled=False):
-            own = model_outputs(model, probe, forward_kwargs, vocab_size).logits.float()
-            ours = losses.head_logits(hidden_states(model, probe, forward_kwargs), weight, bias, head.scale,
-                                      head.softcap)[..., :rows]
-    finally:
-        model.train(was_training)
-    if own.shape != ours.shape:
-        return f"the model's logits have shape {tuple(own.shape)}, the head's {tuple(ours.shape)}"
-    error = ((own - ours).norm() / own.norm().clamp(min=1e-30)).item()
-    if not math.isfinite(error) or error > tolerance:
-        return f"the head ({head.describe()}) is {error:.2e} off the model's own logits"
-    return None
-
-
-class CausalLMForTraining(torch.nn.Module):
-    """Wraps a causal LM so that one forward returns the training loss: what DDP or FSDP wraps and torch.compile
-    compiles, so the loss is compiled together with the model.
-
-    With a head path (`head` set), the decoder's last hidden states go through `losses.linear_cross_entropy` with
-    the checked head, by `loss_path`, and no logits are returned. Otherwise the model's own logits (padding columns
-    dropped) go to `loss_function(outputs, inputs, num_items_in_batch)`, and the outputs come back for the train
-    metrics when `return_outputs` is set. `evaluate` scores a batch without keeping full logits where it can.
-    """
-
-    def __init__(self, model: torch.nn.Module, loss_function: Any, loss_path: str, head: Head | None,
-                 loss_kwargs: dict[str, Any], forward_kwargs: dict[str, Any], return_outputs: bool,
-                 z_loss_coefficient: float = 0.0):
-        super().__init__()
-        self.model = model
-        self.loss_function, self.loss_path, self.head, self.loss_kwargs = loss_function, loss_path, head, loss_kwargs
-        self.z_loss_coefficient = z_loss_coefficient
-        self.forward_kwargs = _without_cache(model, forward_kwargs)
-        self.return_outputs = return_outputs
-        self.vocab_size = real_vocab_size(model)
-        # FSDP (through Accelerate) wraps one unit per block class named here when its config names none.
-        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
-
-    def forward(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None,
-                metrics: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Returns this micro-batch's share of the global loss (z-loss included), of the z-loss alone, and the
-        outputs when asked for. With `metrics` (at evaluation), updates them instead and returns nothing: eval
-        runs through here so that DDP and FSDP see the forward of the module they wrap."""
-        if metrics is not None:
-            return self.score(inputs, metrics)
-        if self.head is not None:
-            weight, bias = output_layer(self.model)
-            cross_entropy, z_loss = losses.linear_cross_entropy(
-                hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, inputs["labels"],
-                bias=bias, scale=self.head.scale, softcap=self.head.softcap, vocab_size=self.vocab_size,
-                z_loss_coefficient=self.z_loss_coefficient, path=self.loss_path, kwargs=self.loss_kwargs)
-            return (cross_entropy + z_loss) / num_items_in_batch, z_loss.detach() / num_items_in_batch, None
-        outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
-        loss = self.loss_function(outputs, inputs, num_items_in_batch)
-        z_loss = torch.zeros_like(loss)
-        if self.z_loss_coefficient:
-            _, z_loss = losses.cross_entropy_and_z_loss(outputs.logits.flatten(0, -2).float(),
-                                                        inputs["labels"].flatten(), self.z_loss_coefficient)
-            z_loss = z_loss / num_items_in_batch
-        return loss + z_loss, z_loss.detach(), outputs if self.return_outputs else None
-
-
-    def score(self, inputs: dict[str, torch.Tensor], metrics: list[Any]) -> Any:
-        """Updates the eval metrics on a batch. On a head path, the cross-entropy comes from the chunked head and
-        metrics that need logits see them a chunk of tokens at a time, so full logits never exist."""
-        from timl.report.metrics import CrossEntropy
-
-        if self.head is None:
-            outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
-            for metric in metrics:
-                metric.update(outputs, inputs)
-            return None
-        weight, bias = output_layer(self.model)
-        labels = inputs["labels"].flatten()
-        by_logits = [metric for metric in metrics if not isinstance(metric, CrossEntropy)]
-
-        def update(logits: torch.Tensor, chunk_labels: torch.Tensor) -> None:
-            for metric in by_logits:
-                metric.update(SimpleNamespace(logits=logits), {"labels": chunk_labels})
-
-        token_losses = losses.token_cross_entropy(
-            hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, labels, bias=bias,
-            scale=self.head.scale, softcap=self.head.softcap, vocab_size=self.vocab_size,
-            logits_consumer=update if by_logits else None)
-        for metric in metrics:
-            if isinstance(metric, CrossEntropy):
-                metric.add(token_losses, labels)
-        return None
-
-
-def choose_loss_path(model: torch.nn.Module, requested: str, device: torch.device, forward_kwargs: dict[str, Any],
-                     logits_needed_by: str | None = None) -> tuple[str, Head | None]:
-    """The loss path to train on and the checked head it goes through (None for the model's own logits).
-
-    `requested` is a LOSS_PATHS name or "auto" (the fastest exact path: chunked on a GPU, full on the CPU).
-    Whatever is asked, a head that does not reproduce the model's own logits, or a custom loss or train metric that
-    needs the logits (`logits_needed_by`), sends training to the model's own logits, said once; an unavailable
-    fused kernel falls back to "auto".
-    """
-    from timl.model import kernels
-
-    if requested in kernels.PACKAGES:
-        reason = kernels.available(requested, device)
-        if reason:
-            logger.warning("%s: training on the %s loss path instead.", reason, "default")
-            requested = "auto"
-    if requested == "logits":
-        return "logits", None
-    if logits_needed_by:
-        if requested != "auto":
-            raise ValueError(f"The {requested} loss path makes no logits, which {logits_needed_by} needs: drop "
-                             f"one of them.")
-        return "logits", None
-    head = read_head(model)
-    if head is None:
-        if requested != "auto":
-            raise ValueError(f"The {requested} loss path needs the model's hidden states and output weight: a Hugging "
-                             f"Face causal LM, or a model with `hidden_states(input_ids)` and `output_weight`.")
-        return "logits", None
-    mismatch = check_head(model, head, forward_kwargs, real_vocab_size(model))
-    if mismatch:
-        logger.warning("Training on the model's own logits, not the %s loss path: %s. The loss is exact; only the "
-                       "memory and speed of a fused head are lost.", requested, mismatch)
-        return "logits", None
-    if requested == "auto":
-        # On a GPU the chunked head is as fast as the one-piece head and holds a fraction of its memory
-        # (benchmarks/loss_head.py); on the CPU, where its chunk maths runs uncompiled, the one-piece head is faster.
-        requested = "chunked" if device.type == "cuda" else "full"
-    return requested, head
-
-
 def enable_activation_checkpointing(model: torch.nn.Module) -> str:
     """Recomputes each transformer block in the backward (non-reentrant, so it composes with DDP, FSDP and
     torch.compile)."""
@@ -430,7 +210,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> str:
     return "activation checkpointing per block"
 
 
-def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: Any) -> torch.nn.Module:
+def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: ComputeArguments) -> torch.nn.Module:
     """What the training step calls: the prepared module compiled whole (autocast, model and loss in one graph),
     or, with --regional_compilation, each transformer block compiled in place (one graph that every block
     reuses), or the module as it is."""

@@ -1,88 +1,14 @@
-"""Optional kernels, each behind the same interface as the plain path: the fused linear + cross-entropy losses of
-Liger and Cut Cross-Entropy, and Liger's modules for the architectures it knows.
-
-  cut_cross_entropy  Cut Cross-Entropy's linear_cross_entropy (bf16 inputs). Its own "cce" kernel filters small
-                     gradient terms; measured against an fp32 reference it misses the 1e-2 gradient bound
-                     (benchmarks/RESULTS.md), so timl defaults to its impl="torch_compile", which meets it. Pass
-                     --cut_cross_entropy_kwargs '{"impl": "cce"}' to trade accuracy for memory.
-  liger              Liger's fused linear cross-entropy; it breaks the compiled graph, so it runs outside it.
-
-Both reproduce the model's head (see timl.model.build.Head): a logit scale is folded into the hidden states, a bias
-into Liger's bias or, for Cut Cross-Entropy, into an extra column of ones; both take the softcap. Padded vocab rows
-never receive probability mass: they are sliced off, or get a -inf bias where no softcap would turn it finite.
+"""Optional kernels that patch the model, each behind the same interface as the plain path: Liger's modules for the
+architectures it knows, and torchao's FP8 training. The fused loss kernels are loss paths: timl.loss.fused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-import logging
 from typing import Any
 
 import torch
-
-from timl.loss.cross_entropy import IGNORE_INDEX
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_CCE_KWARGS = {"impl": "torch_compile"}
-PACKAGES = {"liger": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy"}
-
-
-def available(path: str, device: torch.device) -> str | None:
-    """Why a fused loss path cannot run here (a missing package, no CUDA), or None when it can."""
-    package = PACKAGES[path]
-    if importlib.util.find_spec(package) is None:
-        return f"{package} is not installed (pip install 'timl[{package.replace('_', '-')}]')"
-    if device.type != "cuda":
-        return f"{package} needs CUDA"
-    return None
-
-
-def cut_cross_entropy_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               bias: torch.Tensor | None, scale: float, softcap: float | None, vocab_size: int,
-                               z_loss_coefficient: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    from cut_cross_entropy import linear_cross_entropy
-
-    if z_loss_coefficient:
-        raise ValueError("Cut Cross-Entropy has no z-loss: use another loss path with --z_loss_coefficient.")
-    # It takes bf16 only; the weight's first vocab_size rows are a contiguous view, so nothing is copied twice.
-    hidden, weight = _scaled(hidden.to(torch.bfloat16), scale), weight[:vocab_size].to(torch.bfloat16)
-    if bias is not None:
-        # (h·s)·Wᵀ + s·b as one matmul: a column of ones in the hidden states meets the bias in the weight.
-        hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
-        weight = torch.cat([weight, (bias[:vocab_size] * scale).to(weight.dtype).unsqueeze(1)], dim=1)
-    loss = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, softcap=softcap,
-                                reduction="sum", **{**DEFAULT_CCE_KWARGS, **kwargs})
-    return loss, torch.zeros_like(loss)
-
-
-def _scaled(hidden: torch.Tensor, scale: float) -> torch.Tensor:
-    return hidden if scale == 1.0 else hidden * scale
-
-
-@torch.compiler.disable
-def liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                   bias: torch.Tensor | None, scale: float, softcap: float | None, vocab_size: int,
-                   z_loss_coefficient: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    # Liger's kernel calls .item() and cannot be traced, so it runs eagerly between compiled regions.
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-    if bias is not None:
-        bias = bias * scale
-    if weight.shape[0] > vocab_size:
-        if softcap is not None:  # a softcap would turn a -inf bias into -softcap: drop the padded rows instead
-            weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
-        else:
-            padding = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
-            padding[vocab_size:] = float("-inf")
-            bias = padding if bias is None else bias.to(weight.dtype) + padding
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", return_z_loss=True,
-                                            lse_square_scale=z_loss_coefficient, softcap=softcap, **kwargs)
-    output = loss(weight, _scaled(hidden, scale).to(weight.dtype), labels, None if bias is None else bias.to(weight.dtype))
-    z_loss = output.z_loss if output.z_loss is not None else torch.zeros_like(output.loss)
-    # Liger's loss already includes the z-loss; timl keeps the two apart for logging.
-    return output.loss - z_loss, z_loss
 
 
 def apply_liger(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:

@@ -11,9 +11,8 @@ import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
-from timl.loss.cross_entropy import IGNORE_INDEX
+from timl.loss.cross_entropy import IGNORE_INDEX, token_losses
 
 
 @runtime_checkable
@@ -72,7 +71,8 @@ class CrossEntropy(TokenAverage):
     """Mean next-token cross-entropy, reported as `loss`."""
 
     def per_token(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        cross_entropy, _ = token_losses(logits.float(), labels)
+        return cross_entropy
 
     def to_dict(self) -> dict[str, float]:
         return {"loss": self.mean()}

@@ -12,7 +12,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from timl.config.arguments import TrainingArguments
+from timl.config.arguments import LoggingArguments
 from timl.checkpoint.durable import atomic_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -28,17 +28,17 @@ def wandb_has_login() -> bool:
         return False
 
 
-def tracker_init_kwargs(args: TrainingArguments, run_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
+def tracker_init_kwargs(args: LoggingArguments, output_dir: str, run_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
     kwargs: dict[str, dict[str, Any]] = {}
     if "wandb" in args.trackers or "all" in args.trackers:
-        wandb: dict[str, Any] = {"name": args.wandb_run_name, "dir": args.output_dir}
+        wandb: dict[str, Any] = {"name": args.wandb_run_name, "dir": output_dir}
         if "wandb" in run_ids:
             # A resumed run continues the same W&B run rather than starting a duplicate.
             wandb.update(id=run_ids["wandb"], resume="allow")
         if not wandb_has_login() and os.environ.get("WANDB_MODE") is None:
             wandb["mode"] = "offline"
             logger.warning("No W&B login found: W&B runs offline. Upload later with `wandb sync %s/wandb`.",
-                           args.output_dir)
+                           output_dir)
         kwargs["wandb"] = wandb
     return kwargs
 
@@ -46,10 +46,10 @@ def tracker_init_kwargs(args: TrainingArguments, run_ids: dict[str, str]) -> dic
 class RunLog:
     """Writes each log line to metrics.jsonl and to the trackers. Every process may call `log`; only the main writes."""
 
-    def __init__(self, args: TrainingArguments, accelerator: Accelerator, config: dict[str, Any],
+    def __init__(self, args: LoggingArguments, output_dir: str, accelerator: Accelerator, config: dict[str, Any],
                  resumed_step: int | None = None, run_ids: dict[str, str] | None = None):
         self.accelerator = accelerator
-        self.path = Path(args.output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path.parent / "run_config.json", config)
@@ -57,7 +57,7 @@ class RunLog:
             self._forget_after(resumed_step if resumed_step is not None else -1)
         if args.trackers:
             accelerator.init_trackers(args.wandb_project or "timl", config=_flat(config),
-                                      init_kwargs=tracker_init_kwargs(args, run_ids or {}))
+                                      init_kwargs=tracker_init_kwargs(args, output_dir, run_ids or {}))
 
     def _forget_after(self, step: int) -> None:
         """Drops the lines a killed run wrote after its last checkpoint: the resumed run writes them again."""

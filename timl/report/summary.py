@@ -8,9 +8,10 @@ from typing import Any
 from timl.train.callbacks import TrainerState
 
 
-def render(state: TrainerState, args: Any, *, flops_per_token: float, peak_flops: float | None, processes: int,
-           main_written: bool) -> str:
-    output_dir, stopped = args.output_dir, state.stopped_by and state.step < state.total_steps
+def render(state: TrainerState, output_dir: str, hub: Any, *, flops_per_token: float, peak_flops: float | None,
+           processes: int, main_written: bool) -> str:
+    """`hub` is the hub group of the arguments: where the uploads went, if anywhere."""
+    stopped = state.stopped_by and state.step < state.total_steps
     whole = f"{state.tokens:,} tokens in {_seconds(state.elapsed_seconds)}"
     if state.session_start_step:
         session_tokens = (state.step - state.session_start_step) * state.tokens_per_step
@@ -32,9 +33,9 @@ def render(state: TrainerState, args: Any, *, flops_per_token: float, peak_flops
     model = (f"{output_dir}/main (AutoModelForCausalLM.from_pretrained)" if main_written
              else f"{output_dir}/step{state.step} (no main/ yet)")
     lines.append(f"  checkpoints: {output_dir}/step{{N}}/, model in {model}; metrics: {output_dir}/metrics.jsonl")
-    if args.push_to_hub:
-        lines.append("  uploads: " + (f"https://huggingface.co/{args.hub_model_id} (branches step{{N}} and main)"
-                                      if args.hub_target == "hub" else f"{args.hub_target}/<revision>/"))
+    if hub.push_to_hub:
+        lines.append("  uploads: " + (f"https://huggingface.co/{hub.hub_model_id} (branches step{{N}} and main)"
+                                      if hub.hub_target == "hub" else f"{hub.hub_target}/<revision>/"))
     if stopped:
         lines.append("  to continue it: the same command with --resume_from_checkpoint latest")
     else:

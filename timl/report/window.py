@@ -6,26 +6,12 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-
-@dataclass
-class StepResult:
-    """One optimizer step's outcome, still on the device where it can be."""
-
-    loss: torch.Tensor  # [cross-entropy, z-loss], each the global mean over labelled tokens
-    grad_norm: torch.Tensor
-    learning_rates: dict[str, float]
-    stop_votes: torch.Tensor
-    nonfinite: torch.Tensor  # whether the loss or the grad norm was NaN or inf (the same on every process)
-    data_seconds: float
-
-    def signals(self) -> torch.Tensor:
-        """What the host must act on, read one step late (StepSignals): stop votes, non-finite, loss, grad norm."""
-        return torch.stack([self.stop_votes.float(), self.nonfinite.float(), self.loss[0].float(),
-                            self.grad_norm.float()])
+if TYPE_CHECKING:
+    from timl.train.step import StepResult
 
 
 class LogWindow:
@@ -55,6 +41,26 @@ class LogWindow:
         self.timed_steps += 1
         self.data_seconds += result.data_seconds
 
+    def read(self, *, tokens_per_step: int, with_z_loss: bool, flops_per_token: float, peak_flops: float | None,
+             processes: int) -> tuple[dict[str, float], tuple[int, float] | None]:
+        """The window's train values (losses, learning rates, grad norm, throughput, MFU, peak memory) and its timed
+        (tokens, seconds), or None when no step was timed; then starts the next window. Reads the device once."""
+        loss, z_loss = self.mean_losses()
+        values = {"train_loss": loss, **({"train_z_loss": z_loss} if with_z_loss else {}), **self.learning_rates,
+                  "grad_norm": float(self.grad_norm)}
+        seconds, timing = self.train_seconds(), None
+        if self.timed_steps:
+            tokens = self.timed_steps * tokens_per_step
+            timing = (tokens, seconds)
+            values.update(tokens_per_second=tokens / seconds, step_seconds=seconds / self.timed_steps,
+                          data_wait_fraction=self.data_seconds / seconds)
+            if peak_flops:
+                values["mfu"] = tokens / seconds / processes * flops_per_token / peak_flops
+        if torch.cuda.is_available():
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.reset()
+        return values, timing
+
     def mean_losses(self) -> list[float]:
         """The window's mean cross-entropy and z-loss over its finite steps (NaN if it had none)."""
         finite_steps = self.finite_steps.item()
@@ -72,41 +78,3 @@ class LogWindow:
             yield
         finally:
             self.excluded_seconds += time.perf_counter() - start
-
-
-class StepSignals:
-    """Each step's signals for the host (stop votes, a non-finite loss or grad norm), read one step later.
-
-    Reading a step's own values (`.item()`) would make the host wait for the GPU to finish that step, and leave the
-    GPU idle until the host queued the next step: once every step. One step later, the copy to pinned memory
-    finished long ago while the next step is already queued, so the wait costs nothing. The values are the same on
-    every process (all-reduced), so all of them act on them after the same step. Before a save, `drain` reads the
-    last step's at once: nothing is saved after a step that went bad."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pinned: torch.Tensor | None = None  # the one buffer: push reads the previous values before reusing it
-        self.queued: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
-
-    def push(self, step: int, signals: torch.Tensor) -> tuple[int, list[float]] | None:
-        """Queues step `step`'s signals; returns the previous step's (its number and values), if any."""
-        previous = self.drain()
-        if not self.cuda:
-            self.queued = (step, signals, None)  # on the CPU the values are already on the host
-        else:
-            if self.pinned is None:
-                self.pinned = torch.zeros(signals.shape, pin_memory=True)
-            self.pinned.copy_(signals, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            self.queued = (step, self.pinned, copied)
-        return previous
-
-    def drain(self) -> tuple[int, list[float]] | None:
-        """The queued step's number and values, now (waiting for the copy if needed); nothing stays queued."""
-        if self.queued is None:
-            return None
-        (step, host, copied), self.queued = self.queued, None
-        if copied is not None:
-            copied.synchronize()
-        return step, host.tolist()

@@ -10,36 +10,15 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.trainer_utils import set_seed
 
-from timl.config.arguments import TrainingArguments
+from timl.config.arguments import ModelArguments, TrainingArguments
 from timl.errors import RunError
-from timl.model.build import ATTENTION_CHOICES, build_config, build_model, load_pretrained, max_positions
-from timl.train.trainer import Trainer
-
-
-@dataclass
-class ModelArguments:
-    """Which model to pre-train."""
-
-    model_name: str = field(default="gpt2", metadata={"help": (
-        "The config to build a fresh model from: gpt2, gpt2-medium, gpt2-large, gpt2-xl or llama-3.2-1b (built "
-        "locally, no network), a transformers model type such as llama, qwen2 or gemma2 (its default config), a "
-        "local folder, or a Hub id. The weights are always fresh; see --from_pretrained.")})
-    config_overrides: str | None = field(default=None, metadata={"help": "Changes to the config, as in "
-                                                                        "transformers' run_clm: 'n_layer=2,n_embd=64'."})
-    from_pretrained: str | None = field(default=None, metadata={"help": (
-        "Start from these weights instead (continued pre-training): a local folder or a Hub id, loaded with "
-        "from_pretrained. Its config is used, with --config_overrides; --model_name is then ignored.")})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": f"Attention: {', '.join(ATTENTION_CHOICES)}. Default: what transformers picks for the model "
-                f"(sdpa where the model supports it).", "choices": [None, *ATTENTION_CHOICES]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives in their Hub "
-                                                                     "repo or folder (transformers' flag)."})
+from timl.model.build import build_config, build_model, load_pretrained, max_positions
+from timl.train.trainer import Trainer, check_files
 
 
 def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.Module:
@@ -51,13 +30,13 @@ def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.
     else:
         config = build_config(model_args.model_name, model_args.config_overrides, model_args.trust_remote_code)
     positions = max_positions(config)
-    if positions is not None and args.block_size > positions:
-        raise ValueError(f"--block_size {args.block_size} exceeds the model's {positions} positions; lower it or "
+    if positions is not None and args.data.block_size > positions:
+        raise ValueError(f"--block_size {args.data.block_size} exceeds the model's {positions} positions; lower it or "
                          f"raise them with --config_overrides.")
     if model_args.from_pretrained:
         return model
     # Seeded before the model is built, so every run of the same arguments starts from the same weights.
-    set_seed(args.seed)
+    set_seed(args.loop.seed)
     return build_model(config, model_args.attn_implementation, model_args.trust_remote_code)
 
 
@@ -73,6 +52,7 @@ def model_info(model_args: ModelArguments, model: torch.nn.Module) -> dict[str, 
 def pretrain(model_args: ModelArguments, args: TrainingArguments, **trainer_kwargs: Any) -> dict[str, float]:
     """Builds the model (or loads it) and trains it; returns the last logged values."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_files(args)  # the shards and output_dir, before the model is built (the Trainer checks them again)
     model = make_model(model_args, args)
     return Trainer(model, args, model_info=model_info(model_args, model), **trainer_kwargs).train()
 
@@ -97,7 +77,7 @@ def recipe_process() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """`timl train [FLAGS | args.yaml | args.json]`: builds the model the flags describe and pre-trains it."""
-    from timl.config.arguments import parse_args
+    from timl.config.parsing import parse_args
 
     model_args, training_args = parse_args(ModelArguments, TrainingArguments, argv=argv)
     with recipe_process():

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
-import time
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,30 +19,35 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from timl.checkpoint import manager as checkpoint
 from timl.report import summary
-from timl.config.arguments import TrainingArguments
+from timl.config.arguments import DataArguments, HubArguments, TrainingArguments
 from timl.train.callbacks import CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl, TrainerState
 from timl.collectives import from_rank_0
 from timl.errors import RunError
 from timl.model.kernels import apply_fp8, apply_liger
-from timl.model.build import (CausalLMForTraining, check_config_saves, check_tied_weights, choose_loss_path,
-                           compile_model, enable_activation_checkpointing, pad_vocab, real_vocab_size)
+from timl.model.build import (check_config_saves, check_tied_weights, compile_model, enable_activation_checkpointing,
+                              pad_vocab, real_vocab_size)
+from timl.model.forward import CausalLMForTraining
 from timl.data.loader import BatchLoader
-from timl.loss.cross_entropy import LossFunction, as_global_share, count_labelled, next_token_loss
+from timl.loss.cross_entropy import LossFunction
+from timl.loss.select import choose_training_loss
 from timl.report.metrics import CrossEntropy, Metric, report
 from timl.optim import OptimizerSet, build_optimizer_set
 from timl.train.preemption import PreemptionGuard
 from timl.report.provenance import provenance
-from timl.checkpoint.run_folder import RunLock, clear_previous_run
+from timl.checkpoint.run_folder import RunLock, another_run_problems, clear_previous_run
 from timl.report.run_log import RunLog
 from timl.data.saved_tokenizer import find_tokenizer
-from timl.data.sources import eval_loader_factories, train_loader
-from timl.report.window import LogWindow, StepResult, StepSignals
+from timl.data.sources import eval_loader_factories, is_mixture, source_problems, train_loader
+from timl.report.window import LogWindow
+from timl.train import schedule
+from timl.train.step import StepResult, StepSignals, training_step
 from timl.report.throughput import flops_per_token, peak_flops
 
 logger = logging.getLogger(__name__)
 
-LoaderFactory = Callable[[TrainingArguments, Accelerator], BatchLoader]
-"""Builds a loader for this process. The eval factory is called before every evaluation and must start afresh."""
+LoaderFactory = Callable[[DataArguments, Accelerator], BatchLoader]
+"""Builds a loader for this process from the data arguments (block size, per-device batch sizes, patterns). The
+eval factory is called before every evaluation and must start afresh."""
 
 
 class NonFiniteLossError(RunError):
@@ -84,78 +86,76 @@ class Trainer:
         callbacks: Sequence[TrainerCallback] = (),
         model_info: dict[str, Any] | None = None,
     ):
+        # What the arguments need of the disk (the shards, a free output_dir), before anything is built.
+        check_files(args)
         self.args = args
         self.model_info = dict(model_info or {})
-        bf16 = args.bf16 and torch.cuda.is_available()
+        bf16 = args.compute.bf16 and torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin(bf16),
-                                       log_with=args.trackers or None, project_dir=args.output_dir)
-        if self.accelerator.num_processes != args.world_size:
+                                       log_with=args.logging.trackers or None, project_dir=args.checkpoint.output_dir)
+        if self.accelerator.num_processes != args.data.world_size:
             raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
-                               f"{args.world_size}; launch with torchrun or accelerate launch.")
+                               f"{args.data.world_size}; launch with torchrun or accelerate launch.")
         # The model's weights were made from --seed before (timl.train.pretrain.make_model); what the kernels add to them
         # (padded vocab rows) is drawn from it too, the same on every rank.
-        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        loop = args.loop
+        enable_full_determinism(loop.seed) if loop.full_determinism else set_seed(loop.seed)
         self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
         # What every checkpoint will write, written once now: a config that cannot be saved stops the run here.
         check_config_saves(model)
         # From here each rank draws its own dropout masks; the data order is keyed by --seed alone (timl.data.loader).
-        seed = args.seed + self.accelerator.process_index
-        enable_full_determinism(seed) if args.full_determinism else set_seed(seed)
+        seed = loop.seed + self.accelerator.process_index
+        enable_full_determinism(seed) if loop.full_determinism else set_seed(seed)
         self.vocab_size = vocab_size = real_vocab_size(model)
-        self.train_loader_factory = train_loader_factory or functools.partial(train_loader, vocab_size=vocab_size)
+        self.train_loader_factory = train_loader_factory or functools.partial(train_loader, vocab_size=vocab_size,
+                                                                              seed=loop.seed)
         # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/data/sources.py).
-        self.eval_loader_factories = eval_loader_factories(args, eval_loader_factory, vocab_size)
+        self.eval_loader_factories = eval_loader_factories(args.data, eval_loader_factory, vocab_size)
         # Saved into every checkpoint and main/, so that the model loads with its tokenizer (the main process saves).
-        self.tokenizer = find_tokenizer(args.train_file_pattern, args.tokenizer_name)
-        self.loss_function = as_global_share(compute_loss_func or next_token_loss)
+        self.tokenizer = find_tokenizer(args.data.train_file_pattern, args.data.tokenizer_name)
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
         self.model = model
         # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
         self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
-        self.flops_per_token = flops_per_token(model, args.block_size)
+        self.flops_per_token = flops_per_token(model, args.data.block_size)
+        self.peak_flops = peak_flops(self.accelerator.device)
         self.first_step_seconds: float | None = None
-        if args.early_stopping_patience and not self.eval_loader_factories:
+        if loop.early_stopping_patience and not self.eval_loader_factories:
             raise ValueError("--early_stopping_patience needs an evaluation: give --eval_file_pattern.")
-        early_stopping = [EarlyStopping(args.early_stopping_patience)] if args.early_stopping_patience else []
+        early_stopping = [EarlyStopping(loop.early_stopping_patience)] if loop.early_stopping_patience else []
         self.callbacks = CallbackHandler([ProgressBar(), *early_stopping, *callbacks])
         self.control = TrainerControl()
         self.run_log: RunLog | None = None
         self.preempted = False
-        self.lock = RunLock(args.output_dir)
+        self.lock = RunLock(args.checkpoint.output_dir)
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run saved or resumed from
         # Everything the run uses is built here, so that evaluate() works on a fresh Trainer.
-        self.train_loader = self.train_loader_factory(args, self.accelerator)
-        self.prepare(self.count_steps(self.train_loader))
+        self.train_loader = self.train_loader_factory(args.data, self.accelerator)
+        self.prepare(schedule.total_steps(loop, args.data, self.train_loader))
 
     def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
                       train_metrics: Sequence[Metric]) -> list[str]:
-        """Pads the vocab and picks the loss path (and Liger's modules) as the arguments ask; returns what is on."""
-        args = self.args
+        """Pads the vocab, takes the loss that timl.loss.select chooses for the arguments, and applies Liger's
+        modules and FP8 as they ask; returns what is on."""
+        compute, loss = self.args.compute, self.args.loss
         active = []
-        if args.pad_vocab_size_to:
-            pad_vocab(model, args.pad_vocab_size_to)
+        if compute.pad_vocab_size_to:
+            pad_vocab(model, compute.pad_vocab_size_to)
             active.append(f"vocab padded to {model.config.vocab_size}")
-        requested = args.requested_loss_path
-        needed_by = "the custom compute_loss_func" if compute_loss_func is not None else None
-        if train_metrics and requested == "auto":
-            needed_by = needed_by or "the train metrics"
-        if args.fp8_output_head:
-            needed_by = needed_by or "--fp8_output_head"
-        self.loss_path, self.head = choose_loss_path(model, requested, self.accelerator.device, args.forward_kwargs,
-                                                     logits_needed_by=needed_by)
-        if self.loss_path != "logits" and train_metrics:
-            logger.warning("The %s loss path makes no logits, so train metrics are skipped; they still run at eval.",
-                           self.loss_path)
-        if self.loss_path == "liger":
-            active += apply_liger(model, args.liger_kernel_kwargs)
-        if args.fp8:
-            active.append(apply_fp8(model, args.fp8, self.accelerator.device, output_head=args.fp8_output_head))
-        if args.activation_checkpointing:
+        self.training_loss = choose_training_loss(
+            model, loss.requested_path, self.accelerator.device, compute.forward_kwargs,
+            compute_loss_func=compute_loss_func, train_metrics=bool(train_metrics),
+            fp8_output_head=compute.fp8_output_head, z_loss_coefficient=loss.z_loss_coefficient,
+            cut_cross_entropy_kwargs=loss.cut_cross_entropy_kwargs)
+        if self.training_loss.path == "liger":
+            active += apply_liger(model, loss.liger_kernel_kwargs)
+        if compute.fp8:
+            active.append(apply_fp8(model, compute.fp8, self.accelerator.device, output_head=compute.fp8_output_head))
+        if compute.activation_checkpointing:
             active.append(enable_activation_checkpointing(model))
-        active.append(f"loss: {self.loss_path}" + (f" through the head ({self.head.describe()})" if self.head else "")
-                      + (", compiled with the model" if args.torch_compile else ""))
-        self.train_metrics_on = self.loss_path == "logits"
+        active.append(self.training_loss.describe() + (", compiled with the model" if compute.torch_compile else ""))
+        self.train_metrics_on = self.training_loss.path == "logits"
         logger.info("Kernels: %s.", "; ".join(active))
         return active
 
@@ -191,10 +191,10 @@ class Trainer:
                 if hasattr(self, "state"):  # the session had begun: the callbacks have a state to see
                     self.fire("on_error", error=error)
             finally:
-                self.close(upload_timeout=args.preemption_upload_seconds)
+                self.close(upload_timeout=args.hub.preemption_upload_seconds)
             raise
         self.fire("on_train_end")
-        self.close(upload_timeout=args.preemption_upload_seconds if self.preempted else None)
+        self.close(upload_timeout=args.hub.preemption_upload_seconds if self.preempted else None)
         self.print_summary()
         return dict(self.state.latest)
 
@@ -204,8 +204,9 @@ class Trainer:
         def take() -> None:
             try:
                 self.lock.acquire()
-                if self.args.overwrite_output_dir and not self.args.resume_from_checkpoint:
-                    clear_previous_run(self.args.output_dir)
+                checkpoint_args = self.args.checkpoint
+                if checkpoint_args.overwrite_output_dir and not checkpoint_args.resume_from_checkpoint:
+                    clear_previous_run(checkpoint_args.output_dir)
             except BaseException:
                 self.lock.release()
                 raise
@@ -229,10 +230,10 @@ class Trainer:
         --skip_nonfinite_steps the run goes on; beyond, it stops before saving anything more."""
         skipped = self.state.skipped_steps
         skipped.append(step)
-        if len(skipped) <= self.args.skip_nonfinite_steps:
+        allowed_skips = self.args.loop.skip_nonfinite_steps
+        if len(skipped) <= allowed_skips:
             logger.warning("Step %d: loss %s, grad norm %s: skipped, the weights unchanged (%d of "
-                           "--skip_nonfinite_steps %d).", step, loss, grad_norm, len(skipped),
-                           self.args.skip_nonfinite_steps)
+                           "--skip_nonfinite_steps %d).", step, loss, grad_norm, len(skipped), allowed_skips)
             return
         last = (f"the last checkpoint is {self.last_checkpoint} (resume with --resume_from_checkpoint "
                 f"{self.last_checkpoint})" if self.last_checkpoint else "no checkpoint was saved yet")
@@ -241,50 +242,49 @@ class Trainer:
         raise NonFiniteLossError(
             f"Step {step}: the loss is {loss} and the gradient norm {grad_norm}{allowed}. The run stopped: this step "
             f"changed no weight, and nothing after it was saved; {last}. To try: a lower --learning_rate (now "
-            f"{self.args.learning_rate:g}), --max_grad_norm 1.0 (now {self.args.max_grad_norm:g}), more warm-up "
+            f"{self.args.optimizer.learning_rate:g}), --max_grad_norm 1.0 (now {self.args.optimizer.max_grad_norm:g}), more warm-up "
             f"(--warmup_steps), --z_loss_coefficient 1e-4, or --skip_nonfinite_steps N to skip rare bad batches.")
 
     def begin(self, saved: dict[str, Any]) -> None:
         """Starts this session: the run's state (continued from a checkpoint), its log, the uploader, the callbacks."""
         args, accelerator = self.args, self.accelerator
         step = saved.get("step", 0)
-        self.state = TrainerState(self.total_steps, args.tokens_per_step, accelerator.is_main_process, step=step,
+        self.state = TrainerState(self.total_steps, args.data.tokens_per_step, accelerator.is_main_process, step=step,
                                   session_start_step=step)
         self.state.load_state_dict(saved.get("run_state", {}))
         self.callbacks.load_state_dict(saved.get("callbacks", {}))
         self.resumed_step = step if saved else None
         self.eval_pending = saved.get("eval_pending", False)
-        self.run_log = RunLog(args, accelerator, self.run_config(), resumed_step=self.resumed_step,
+        self.run_log = RunLog(args.logging, args.checkpoint.output_dir, accelerator, self.run_config(),
+                              resumed_step=self.resumed_step,
                               run_ids=saved.get("tracker_run_ids"))
         self.checkpointer.open_uploads()
         self.window, self.signals = LogWindow(accelerator.device), StepSignals(accelerator.device)
         self.fire("on_train_begin")
 
     def evaluate_and_save(self, step: int, last_step: bool) -> None:
-        """Evaluates, then saves, at `step` (before training on), as the schedule and the callbacks ask. A resumed
-        run's first step is saved already, and evaluated unless a stop signal came first."""
-        args, control = self.args, self.control
-        resumed = step == self.resumed_step
-        if last_step or _every(step, args.save_every_steps) or _every(step, args.eval_every_steps) or (
-                control.should_save or control.should_evaluate or control.should_training_stop):
-            # The last step's signals, at once: a step that went bad stops the run before it is saved.
+        """Evaluates, then saves, at the boundary after `step` steps, as the schedule (timl/train/schedule.py) and
+        the callbacks ask."""
+        loop, control = self.args.loop, self.control
+        at = schedule.Boundary(step, last_step, resumed=step == self.resumed_step)
+        save_every_steps = self.args.checkpoint.save_every_steps
+        if schedule.signals_due(at, eval_every_steps=loop.eval_every_steps, save_every_steps=save_every_steps,
+                                control=control):
             self.act_on(self.signals.drain())
-        scheduled_eval = bool(self.eval_loader_factories) and (
-            self.eval_pending if resumed else last_step or _every(step, args.eval_every_steps))
-        # After a signal there is no time for an evaluation: the checkpoint says it is pending, for the resumed run.
-        hurried = self.preempted and not last_step
-        evaluated = bool(self.eval_loader_factories) and (scheduled_eval and not hurried or control.should_evaluate)
-        if evaluated:
+        evaluate, scheduled_eval = schedule.evaluation_due(
+            at, has_eval=bool(self.eval_loader_factories), eval_pending=self.eval_pending, preempted=self.preempted,
+            eval_every_steps=loop.eval_every_steps, control=control)
+        if evaluate:
             with self.window.excluded():
                 values = self.evaluate()
             self.log(values)
             self.fire("on_evaluate", metrics=values)
         control.should_evaluate = False
-        scheduled_save = not resumed and (last_step or step > 0 and _every(step, args.save_every_steps))
-        if scheduled_save or control.should_save or control.should_training_stop:
+        save, final = schedule.save_due(at, preempted=self.preempted, save_every_steps=save_every_steps,
+                                        control=control)
+        if save:
             with self.window.excluded():
-                self.save(step, final=last_step or not self.preempted and control.should_training_stop,
-                          eval_pending=scheduled_eval and not evaluated)
+                self.save(step, final=final, eval_pending=scheduled_eval and not evaluate)
         control.should_save = False
 
     def end_step(self, result: StepResult) -> None:
@@ -295,8 +295,8 @@ class Trainer:
         if state.step == state.session_start_step + 1:
             self.first_step_seconds = self.finish_first_step(self.window)
         self.fire("on_step_end")
-        if _every(state.step, self.args.log_every_steps) or state.step == self.total_steps:
-            self.log(self.train_log_values(self.window, state.step))
+        if schedule.log_due(state.step, self.total_steps, self.args.loop.log_every_steps):
+            self.log(self.train_log_values(state.step))
 
     def log(self, values: dict[str, float]) -> None:
         self.run_log.log(values, self.state.step, self.state.elapsed_seconds)
@@ -314,7 +314,7 @@ class Trainer:
         """Restores the checkpoint named by --resume_from_checkpoint; returns its trainer state ({} when starting
         afresh). A checkpoint at or past the last step is only read. Resuming before the newest checkpoints rolls the
         run back: they are set aside."""
-        args = self.args
+        args = self.args.checkpoint
         if not args.resume_from_checkpoint:
             return {}
         path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
@@ -335,13 +335,12 @@ class Trainer:
     def report_finished(self, saved: dict[str, Any]) -> dict[str, float]:
         """Resuming a run at or past its last step does nothing: no evaluation, no checkpoint, no log line."""
         if self.accelerator.is_main_process:
-            print(summary.nothing_to_do(saved, self.args.output_dir, self.total_steps), flush=True)
+            print(summary.nothing_to_do(saved, self.args.checkpoint.output_dir, self.total_steps), flush=True)
         return dict(saved.get("run_state", {}).get("latest", {}))
 
     def save(self, step: int, final: bool, eval_pending: bool = False) -> None:
         """Saves a full checkpoint to output_dir/step{step}/, and when `final` also the model to output_dir/main/."""
-        state = {"tokens": step * self.args.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
-                 "data_order": {key: getattr(self.args, key) for key in checkpoint.DATA_ORDER_KEYS},
+        state = {"tokens": step * self.args.data.tokens_per_step, "tracker_run_ids": self.run_log.run_ids(),
                  "run_state": self.state.state_dict(), "callbacks": self.callbacks.state_dict(),
                  "eval_pending": eval_pending, "final": final, **self.run_config()}
         path = self.checkpointer.save(step, optimizers=self.optim, loader=self.train_loader, state=state, final=final)
@@ -354,7 +353,7 @@ class Trainer:
         self.preempted = self.control.should_training_stop = True
         self.state.stopped_by = self.state.stopped_by or name
         logger.warning("Stopped by %s after step %d: saving %s/step%d, then exiting. Continue with "
-                       "--resume_from_checkpoint latest.", name, self.state.step, self.args.output_dir,
+                       "--resume_from_checkpoint latest.", name, self.state.step, self.args.checkpoint.output_dir,
                        self.state.step)
 
     def close(self, upload_timeout: float | None) -> None:
@@ -371,39 +370,17 @@ class Trainer:
 
     def print_summary(self) -> None:
         if self.accelerator.is_main_process:
-            print(summary.render(self.state, self.args, flops_per_token=self.flops_per_token,
-                                 peak_flops=peak_flops(self.accelerator.device),
+            print(summary.render(self.state, self.args.checkpoint.output_dir, self.args.hub,
+                                 flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
                                  processes=self.accelerator.num_processes,
                                  main_written=not self.preempted or self.state.step == self.total_steps), flush=True)
 
-    def count_steps(self, loader: Iterator[Any]) -> int:
-        """Optimizer steps to run: --max_train_steps, else --max_train_tokens, else --num_train_epochs passes over the
-        data (a loader's length is one pass). The default loaders repeat the data as often as that takes."""
-        args = self.args
-        per_epoch = len(loader) / args.gradient_accumulation_steps if hasattr(loader, "__len__") else None
-        if args.max_train_steps:
-            steps = args.max_train_steps
-        elif args.max_train_tokens:
-            steps = args.max_train_tokens // args.tokens_per_step
-        elif per_epoch is None:
-            raise ValueError("The train loader has no length: give --max_train_steps or --max_train_tokens.")
-        else:
-            steps = math.floor(args.num_train_epochs * per_epoch + 1e-9)  # 1e-9: 0.29 × 100 is 28.99999...
-        if getattr(loader, "repeat", True) is False and per_epoch is not None and steps > per_epoch:
-            raise ValueError(f"{steps} steps need more than the one pass over the data ({int(per_epoch)} steps) that "
-                             f"the train loader makes: build it with repeat=True.")
-        if steps < 1:
-            raise ValueError(f"Less than one step of training: a step takes {args.tokens_per_step} tokens "
-                             f"(--train_batch_size {args.train_batch_size} × --block_size {args.block_size}).")
-        return steps
-
     def prepare(self, total_steps: int) -> None:
         """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
-        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args, total_steps, self.given_optimizers,
+        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args.optimizer, total_steps, self.given_optimizers,
                                                        device=self.accelerator.device)
-        training = CausalLMForTraining(self.model, self.loss_function, self.loss_path, self.head, self.kernel_kwargs(),
-                                       self.args.forward_kwargs, return_outputs=bool(self.train_metrics),
-                                       z_loss_coefficient=self.args.z_loss_coefficient)
+        training = CausalLMForTraining(self.model, self.training_loss, self.args.compute.forward_kwargs,
+                                       return_outputs=bool(self.train_metrics))
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
         self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
         if hasattr(self.training_model, "_get_fsdp_state"):  # fully_shard-ed: say which policy it really runs
@@ -411,64 +388,30 @@ class Trainer:
             logger.info("FSDP2 mixed precision: parameters %s, gradient reduction %s, outputs %s.",
                         policy.param_dtype, policy.reduce_dtype, policy.output_dtype or "as computed")
         check_tied_weights(self.model)
-        self.forward_loss = compile_model(self.training_model, self.model, self.args)
+        self.forward_loss = compile_model(self.training_model, self.model, self.args.compute)
         self.total_steps = total_steps
         # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
-        checkpoint.check_shared_output_dir(self.args.output_dir, local_rank=self.accelerator.local_process_index,
+        output_dir = self.args.checkpoint.output_dir
+        checkpoint.check_shared_output_dir(output_dir, local_rank=self.accelerator.local_process_index,
                                            device=self.accelerator.device)
         # Called when a session begins (Trainer.begin), so that resuming a finished run starts no upload process. A
         # partial, not a lambda over self: a reference cycle would keep the DDP module, and its gloo process group,
         # alive until the interpreter's exit, where destroying them can abort the process.
-        self.checkpointer = checkpoint.Checkpointer(self.args, self.accelerator,
-                                                    functools.partial(start_uploader, self.args),
+        data_order = {key: getattr(self.args.data, key) for key in checkpoint.DATA_ORDER_KEYS}
+        self.checkpointer = checkpoint.Checkpointer(self.args.checkpoint, self.accelerator,
+                                                    functools.partial(start_uploader, self.args.hub),
                                                     model=self.training_model, base_model=self.model,
-                                                    tokenizer=self.tokenizer)
+                                                    tokenizer=self.tokenizer, data_order=data_order)
         if self.accelerator.is_main_process:
-            checkpoint.check_free_space(self.args.output_dir,
-                                        checkpoint.checkpoint_bytes_estimate(self.model, self.args.output_dir))
-
-    def kernel_kwargs(self) -> dict[str, Any]:
-        if self.loss_path == "cut_cross_entropy":
-            return self.args.cut_cross_entropy_kwargs
-        return {}
+            checkpoint.check_free_space(output_dir, checkpoint.checkpoint_bytes_estimate(self.model, output_dir))
 
     def training_step(self, batches: Iterator[dict[str, torch.Tensor]], stop_requested: bool = False) -> StepResult:
-        """One optimizer step over the accumulated micro-batches. Also counts the processes asked to stop: that
-        rides on the step's one all-reduce, so that all of them stop together."""
-        accelerator = self.accelerator
-        data_start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(self.args.gradient_accumulation_steps)]
-        data_seconds = time.perf_counter() - data_start
-        # The global count of labelled tokens makes every micro-batch's loss its exact share of the global mean.
-        # torch.full fills on the device: torch.tensor would copy from the host and wait for the GPU every step.
-        local = torch.stack([sum(count_labelled(batch) for batch in micro_batches).float(),
-                             torch.full((), float(stop_requested), device=accelerator.device)])
-        num_items, stop_votes = accelerator.reduce(local, reduction="sum")
-        num_items = num_items.clamp(min=1)
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_z_loss = torch.zeros((), device=accelerator.device)
-        for index, inputs in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.training_model):
-                loss, z_loss, outputs = self.forward_loss(inputs, num_items)
-                # DDP averages gradients over processes; the shares are meant to be summed.
-                accelerator.backward(loss * accelerator.num_processes)
-            step_loss += loss.detach() - z_loss
-            step_z_loss += z_loss
-            if self.train_metrics_on:
-                for metric in self.train_metrics:
-                    metric.update(outputs, inputs)
-        # Without clipping, an infinite bound clips nothing and still returns the total norm, which is logged.
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: the same whole norm on every rank
-            grad_norm = grad_norm.full_tensor()
-        # Every process's share of the loss, summed: the global mean, so that all of them judge the same values.
-        losses = accelerator.reduce(torch.stack([step_loss, step_z_loss]), reduction="sum")
-        nonfinite = ~(torch.isfinite(losses).all() & torch.isfinite(grad_norm))
-        learning_rates = self.optim.learning_rates()
-        self.optim.step(skip=nonfinite)
-        return StepResult(losses, grad_norm, learning_rates, stop_votes, nonfinite, data_seconds)
+        """One optimizer step over the accumulated micro-batches (timl/train/step.py)."""
+        return training_step(self.accelerator, self.training_model, self.forward_loss, self.optim,
+                             self.model.parameters(), batches,
+                             accumulation_steps=self.args.data.gradient_accumulation_steps,
+                             max_grad_norm=self.args.optimizer.max_grad_norm, stop_requested=stop_requested,
+                             metrics=self.train_metrics if self.train_metrics_on else ())
 
     def finish_first_step(self, window: LogWindow) -> float:
         """The first step compiles; its time is reported on its own and kept out of the throughput."""
@@ -478,50 +421,59 @@ class Trainer:
         window.restart_clock()
         return seconds
 
-    def train_log_values(self, window: LogWindow, step: int) -> dict[str, float]:
-        accelerator = self.accelerator
-        loss, z_loss = window.mean_losses()
-        values = {
-            "train_loss": loss,
-            **({"train_z_loss": z_loss} if self.args.z_loss_coefficient else {}),
-            **window.learning_rates,
-            "grad_norm": float(window.grad_norm),
-            **({"skipped_steps": len(self.state.skipped_steps)} if self.state.skipped_steps else {}),
-            "tokens": step * self.args.tokens_per_step,
-            **getattr(self.train_loader, "progress", dict)(),  # epoch; tokens and epoch per source of a mixture
-            **(report(self.train_metrics, accelerator, "train_") if self.train_metrics_on else {}),
-        }
+    def train_log_values(self, step: int) -> dict[str, float]:
+        """The train log line after `step`: the window's losses, throughput and memory (timl/report/window.py), and
+        what the run knows beside them."""
+        values, timing = self.window.read(tokens_per_step=self.args.data.tokens_per_step,
+                                          with_z_loss=bool(self.args.loss.z_loss_coefficient),
+                                          flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
+                                          processes=self.accelerator.num_processes)
+        if timing is not None:
+            self.state.add_timing(*timing)
+        if self.state.skipped_steps:
+            values["skipped_steps"] = len(self.state.skipped_steps)
+        values["tokens"] = step * self.args.data.tokens_per_step
+        values.update(getattr(self.train_loader, "progress", dict)())  # epoch; tokens and epoch per mixture source
+        if self.train_metrics_on:
+            values.update(report(self.train_metrics, self.accelerator, "train_"))
         if self.first_step_seconds is not None:
             values["first_step_seconds"], self.first_step_seconds = self.first_step_seconds, None
-        seconds = window.train_seconds()
-        if window.timed_steps:
-            tokens_per_second = window.timed_steps * self.args.tokens_per_step / seconds
-            self.state.add_timing(window.timed_steps * self.args.tokens_per_step, seconds)
-            values.update(tokens_per_second=tokens_per_second, step_seconds=seconds / window.timed_steps,
-                          data_wait_fraction=window.data_seconds / seconds)
-            peak = peak_flops(accelerator.device)
-            if peak:
-                values["mfu"] = tokens_per_second / accelerator.num_processes * self.flops_per_token / peak
-        if torch.cuda.is_available():
-            values["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        window.reset()
         return values
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Eval metrics over each eval set, the same data each time (up to --max_eval_steps batches a set)."""
+        """Eval metrics over each eval set, the same data each time (up to --max_eval_steps batches a set), through
+        the module training runs (compiled when training is): DDP and FSDP see the forward of the module they
+        wrap, and FSDP gathers the parameters in it."""
         self.training_model.eval()
         values = {}
+        max_steps = self.args.loop.max_eval_steps
         for prefix, factory in self.eval_loader_factories.items():
-            for index, inputs in enumerate(factory(self.args, self.accelerator)):
-                if self.args.max_eval_steps is not None and index >= self.args.max_eval_steps:
+            for index, inputs in enumerate(factory(self.args.data, self.accelerator)):
+                if max_steps is not None and index >= max_steps:
                     break
                 with self.accelerator.autocast():
-                    # Through the prepared module, not the model inside it: FSDP gathers parameters in its forward.
-                    self.training_model(inputs, None, self.eval_metrics)
+                    self.forward_loss(inputs, None, self.eval_metrics)
             values.update(report(self.eval_metrics, self.accelerator, prefix))
         self.training_model.train()
         return values
+
+
+
+def check_files(args: TrainingArguments) -> None:
+    """What the arguments need of the disk: the data's shards (their names and headers, and a length for a mixture)
+    and an output_dir free of another run. Checked when a run starts, before the model is built where the run builds
+    it (timl train); raises one ValueError with every problem."""
+    data, loop, checkpoint_args = args.data, args.loop, args.checkpoint
+    problems = source_problems("--train_file_pattern", data.train_file_pattern, weighted=True)
+    problems += source_problems("--eval_file_pattern", data.eval_file_pattern, weighted=False)
+    if is_mixture(data.train_file_pattern) and not (loop.max_train_steps or loop.max_train_tokens):
+        problems.append("--train_file_pattern names several sources, which have no common epoch: give "
+                        "--max_train_steps or --max_train_tokens")
+    if not checkpoint_args.resume_from_checkpoint and not checkpoint_args.overwrite_output_dir:
+        problems += another_run_problems(checkpoint_args.output_dir)
+    if problems:
+        raise ValueError("Invalid training arguments:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def fsdp_plugin(bf16: bool) -> Any:
@@ -545,14 +497,10 @@ def fsdp_plugin(bf16: bool) -> Any:
     return plugin
 
 
-def start_uploader(args: TrainingArguments) -> Any:
+def start_uploader(args: HubArguments) -> Any:
     """The background uploader of checkpoints, when --push_to_hub asks for one (never in --debug)."""
     if not args.push_to_hub:
         return None
     from timl.checkpoint.upload import Uploader, upload_target
 
     return Uploader(upload_target(args.hub_target, args.hub_model_id, args.hub_token, args.hub_private))
-
-
-def _every(step: int, interval: int) -> bool:
-    return interval > 0 and step % interval == 0

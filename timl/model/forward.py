@@ -1,0 +1,147 @@
+"""The training forward: the module that DDP or FSDP wraps and torch.compile compiles. It returns the loss that
+timl.loss.select chose (a `TrainingLoss`), and scores evaluation batches without full logits where it can.
+
+On a head path the loss goes from the decoder's last hidden states through the checked head, by the path's function
+(`head_loss`); on the logits path it comes from the model's own logits, with the cross-entropy and the z-loss
+computed in one pass over them."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from timl.loss.chunked import chunked_linear_cross_entropy, chunked_token_losses
+from timl.loss.cross_entropy import LossFunction, cross_entropy_and_z_loss, linear_cross_entropy, z_loss
+from timl.loss.fused import cce_linear_cross_entropy, liger_linear_cross_entropy
+from timl.model.build import real_vocab_size
+from timl.model.head import Head, hidden_states, model_outputs, output_layer, without_cache
+from timl.report.metrics import CrossEntropy
+
+HEAD_PATHS = {
+    "full": linear_cross_entropy,
+    "chunked": chunked_linear_cross_entropy,
+    "liger": liger_linear_cross_entropy,
+    "cut_cross_entropy": cce_linear_cross_entropy,
+}
+"""The loss paths that go through the head, and the function of each; `logits` is the model's own forward."""
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, path: str = "full",
+              bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
+              vocab_size: int | None = None, z_loss_coefficient: float = 0.0,
+              options: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of the head's logits against labels (already shifted), over the first
+    `vocab_size` rows of weight, and the summed z-loss, by the head path `path` (with its `options`: a chunk size,
+    a fused kernel's arguments). All paths give the same values up to rounding."""
+    if path not in HEAD_PATHS:
+        raise ValueError(f"Unknown head loss path {path!r}; the paths through the head are {', '.join(HEAD_PATHS)}.")
+    return HEAD_PATHS[path](hidden.flatten(0, -2), weight, labels.flatten(), bias=bias, scale=scale, softcap=softcap,
+                            vocab_size=vocab_size or weight.shape[0], z_loss_coefficient=z_loss_coefficient,
+                            **(options or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingLoss:
+    """The loss the training forward computes, as `choose_training_loss` decided it.
+
+    `path` is a LOSS_PATHS name; `head` the checked head a head path goes through (None on `logits`); `options`
+    the fused kernel's arguments; `loss_function` a user's loss on the logits, as a share of the global mean (None:
+    timl's next-token cross-entropy).
+    """
+
+    path: str
+    head: Head | None = None
+    z_loss_coefficient: float = 0.0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loss_function: LossFunction | None = None
+
+    def describe(self) -> str:
+        through = f" through the head ({self.head.describe()})" if self.head is not None else ""
+        return f"loss: {self.path}{through}"
+
+    def from_hidden_states(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           labels: torch.Tensor, vocab_size: int | None,
+                           num_items_in_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """On a head path: this micro-batch's share of the global loss (z-loss included), and of the z-loss."""
+        cross_entropy, z = head_loss(hidden, weight, labels, path=self.path, bias=bias, scale=self.head.scale,
+                                     softcap=self.head.softcap, vocab_size=vocab_size,
+                                     z_loss_coefficient=self.z_loss_coefficient, options=self.options)
+        return (cross_entropy + z) / num_items_in_batch, z / num_items_in_batch
+
+    def from_logits(self, outputs: Any, inputs: dict[str, torch.Tensor],
+                    num_items_in_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the logits path: the same two shares, from the model's outputs (padding columns dropped). A user's
+        loss function has only the z-loss added to it."""
+        if self.loss_function is None:
+            cross_entropy, z = cross_entropy_and_z_loss(outputs.logits, inputs["labels"], self.z_loss_coefficient)
+            loss = cross_entropy / num_items_in_batch
+        else:
+            loss = self.loss_function(outputs, inputs, num_items_in_batch)
+            z = z_loss(outputs.logits, inputs["labels"], self.z_loss_coefficient)
+        z = z / num_items_in_batch
+        return loss + z, z
+
+
+class CausalLMForTraining(torch.nn.Module):
+    """Wraps a causal LM so that one forward returns the training loss, compiled together with the model.
+
+    On a head path (`loss.head` set), the decoder's last hidden states go through the checked head as `loss`
+    says, and no logits are returned. On the logits path the model's own logits (padding columns dropped) make the
+    loss, and the outputs come back for the train metrics when `return_outputs` is set.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: TrainingLoss, forward_kwargs: dict[str, Any],
+                 return_outputs: bool):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.forward_kwargs = without_cache(model, forward_kwargs)
+        self.return_outputs = return_outputs
+        self.vocab_size = real_vocab_size(model)
+        # FSDP (through Accelerate) wraps one unit per block class named here when its config names none.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+
+    def forward(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None,
+                metrics: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Returns this micro-batch's share of the global loss (z-loss included), of the z-loss alone, and the
+        outputs when asked for. With `metrics` (at evaluation), updates them instead and returns nothing: eval
+        runs through here so that DDP and FSDP see the forward of the module they wrap."""
+        if metrics is not None:
+            return self.score(inputs, metrics)
+        if self.loss.head is not None:
+            weight, bias = output_layer(self.model)
+            hidden = hidden_states(self.model, inputs["input_ids"], self.forward_kwargs)
+            loss, z_loss = self.loss.from_hidden_states(hidden, weight, bias, inputs["labels"], self.vocab_size,
+                                                        num_items_in_batch)
+            return loss, z_loss.detach(), None
+        outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+        loss, z_loss = self.loss.from_logits(outputs, inputs, num_items_in_batch)
+        return loss, z_loss.detach(), outputs if self.return_outputs else None
+
+    def score(self, inputs: dict[str, torch.Tensor], metrics: list[Any]) -> None:
+        """Updates the eval metrics on a batch. On a head path, the cross-entropy comes from the chunked head and
+        metrics that need logits see them a chunk of tokens at a time, so full logits never exist."""
+        if self.loss.head is None:
+            outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+            for metric in metrics:
+                metric.update(outputs, inputs)
+            return None
+        weight, bias = output_layer(self.model)
+        labels = inputs["labels"].flatten()
+        by_logits = [metric for metric in metrics if not isinstance(metric, CrossEntropy)]
+
+        def update(logits: torch.Tensor, chunk_labels: torch.Tensor) -> None:
+            for metric in by_logits:
+                metric.update(SimpleNamespace(logits=logits), {"labels": chunk_labels})
+
+        token_losses = chunked_token_losses(
+            hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, labels, bias=bias,
+            scale=self.loss.head.scale, softcap=self.loss.head.softcap, vocab_size=self.vocab_size,
+            logits_consumer=update if by_logits else None)
+        for metric in metrics:
+            if isinstance(metric, CrossEntropy):
+                metric.add(token_losses, labels)
+        return None
