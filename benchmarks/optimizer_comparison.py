@@ -38,8 +38,8 @@ def run(optim: str, options: argparse.Namespace, output_dir: str) -> tuple[list[
         train_batch_size=options.batch, per_device_train_batch_size=options.batch, per_device_eval_batch_size=8,
         max_train_steps=options.steps, eval_every_steps=options.eval_every, log_every_steps=options.eval_every,
         save_every_steps=0, report_to="none", optim=optim, learning_rate=6e-4, weight_decay=options.weight_decay,
-        muon_weight_decay=options.muon_weight_decay, warmup_steps=10, lr_scheduler_type="cosine", torch_compile=True,
-        pad_vocab_size_to=64, seed=0)
+        muon_weight_decay=options.muon_weight_decay, warmup_steps=10, lr_scheduler_type="cosine", torch_compile="model",
+        pad_vocab_size_to="64", seed=0)
     trainer = Trainer(model, args)
     trainer.train()
     adamw = trainer.optim.optimizers[trainer.optim.names.index("adamw")]

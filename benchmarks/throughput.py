@@ -128,7 +128,8 @@ class StepTimer:
 
 def timl_arguments(output_dir: str, train_pattern: str, block_size: int, batch: int, steps: int, log_every: int,
                    **flags: Any) -> Any:
-    """timl's TrainingArguments with this benchmark's optimizer, compiled, no evaluation; `flags` change any."""
+    """timl's TrainingArguments with this benchmark's optimizer, no evaluation, and timl's own performance plan
+    (compiled per block, vocab padded, on a GPU); `flags` change any."""
     from timl.config.arguments import TrainingArguments
 
     settings = dict(
@@ -136,7 +137,7 @@ def timl_arguments(output_dir: str, train_pattern: str, block_size: int, batch: 
         train_batch_size=batch, per_device_train_batch_size=batch, max_train_steps=steps, log_every_steps=log_every,
         eval_every_steps=0, save_every_steps=0, report_to="none", bf16=True, optim="adamw_torch_fused",
         max_grad_norm=MAX_GRAD_NORM, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, adam_beta2=ADAM_BETA2,
-        seed=SEED, torch_compile=True)
+        seed=SEED)
     return TrainingArguments(**{**settings, **flags})
 
 
@@ -263,7 +264,9 @@ def plain_padded(options: argparse.Namespace, compiled_step: bool = False) -> Me
     return plain_variant(options, math.ceil(options.config.vocab_size / 64) * 64, compiled_step)
 
 
-timl = functools.partial(timl_variant, pad_vocab_size_to=64)  # a no-op for llama-1b, whose vocab is a multiple of 64
+# The best flags found before the plan: the whole model and loss compiled, the vocab padded to 64 (a no-op for
+# llama-1b, whose vocab is a multiple of 64).
+timl = functools.partial(timl_variant, torch_compile="model", pad_vocab_size_to="64")
 
 
 def timl_partitioner(ban: str) -> Callable[[argparse.Namespace], Measurement]:
@@ -283,39 +286,42 @@ PARTITIONER_BANS = ("used_far_apart", "long_fusible_chains", "materialized_backw
 hf_compiled = functools.partial(hf_variant, compiled=True)
 NON_REENTRANT = {"use_reentrant": False}  # as timl's activation checkpointing, which composes with torch.compile
 VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {  # name: (description, run)
-    "timl": ("timl compiled, vocab padded to 64", timl),
-    "timl-nopad": ("timl compiled, no vocab padding", functools.partial(timl_variant, pad_vocab_size_to=None)),
+    "timl-defaults": ("timl's defaults: its performance plan, no performance flag", timl_variant),
+    "timl": ("timl, the whole model compiled, vocab padded to 64", timl),
+    "timl-nopad": ("timl compiled, no vocab padding", functools.partial(timl, pad_vocab_size_to="none")),
     "timl-full": ("timl compiled, loss_implementation=full", functools.partial(timl, loss_implementation="full")),
     "timl-chunked": ("timl compiled, loss_implementation=chunked",
                      functools.partial(timl, loss_implementation="chunked")),
-    **{f"timl-mem{budget}": (f"timl compiled, activation_memory_budget={budget}",
-                             functools.partial(timl, activation_memory_budget=budget))
+    **{f"timl-mem{budget}": (f"timl compiled, activation_memory={budget}",
+                             functools.partial(timl, activation_memory=str(budget)))
        for budget in (0.99, 0.95, 0.9, 0.8, 0.6)},
     **{f"timl-recompute-{ban.replace('_', '-')}": (f"timl compiled, ban_recompute_{ban}=False", timl_partitioner(ban))
        for ban in PARTITIONER_BANS},
-    "timl-pointwise": ("timl compiled, compile_recompute_pointwise", functools.partial(
-        timl, compile_recompute_pointwise=True)),
-    "timl-full-pointwise": ("timl compiled, compile_recompute_pointwise, loss_implementation=full", functools.partial(
-        timl, compile_recompute_pointwise=True, loss_implementation="full")),
+    "timl-pointwise": ("timl compiled, activation_memory=selective", functools.partial(
+        timl, activation_memory="selective")),
+    "timl-full-pointwise": ("timl compiled, activation_memory=selective, loss_implementation=full", functools.partial(
+        timl, activation_memory="selective", loss_implementation="full")),
+    "timl-defaults-selective": ("timl's defaults, activation_memory=selective", functools.partial(
+        timl_variant, activation_memory="selective")),
     "timl-regional": ("timl, each transformer block compiled on its own",
-                      functools.partial(timl, regional_compilation=True)),
-    "timl-ac": ("timl compiled + activation checkpointing", functools.partial(timl, activation_checkpointing=True)),
+                      functools.partial(timl, torch_compile="blocks")),
+    "timl-ac": ("timl compiled + activation checkpointing", functools.partial(timl, activation_memory="full")),
     "timl-ac-chunked": ("timl compiled + activation checkpointing, loss_implementation=chunked",
-                        functools.partial(timl, activation_checkpointing=True, loss_implementation="chunked")),
+                        functools.partial(timl, activation_memory="full", loss_implementation="chunked")),
     "timl-fp8-tensorwise": ("timl compiled, float8 tensorwise on the decoder's linears",
-                            functools.partial(timl, fp8="tensorwise")),
+                            functools.partial(timl, fp8="tensorwise_body")),
     "timl-fp8-rowwise": ("timl compiled, float8 rowwise on the decoder's linears",
-                         functools.partial(timl, fp8="rowwise")),
+                         functools.partial(timl, fp8="rowwise_body")),
     "timl-fp8-tensorwise-head": ("timl compiled, float8 tensorwise on the decoder's linears and the output head",
-                                 functools.partial(timl, fp8="tensorwise", fp8_output_head=True)),
-    "timl-max-autotune": ("timl compiled with mode=max-autotune",
-                          functools.partial(timl, torch_compile_mode="max-autotune")),
-    "timl-cudagraphs": ("timl compiled with mode=reduce-overhead (CUDA graphs)",
-                        functools.partial(timl, torch_compile_mode="reduce-overhead")),
-    "timl-cce": ("timl compiled + Cut Cross-Entropy, padded", functools.partial(timl, use_cut_cross_entropy=True)),
-    "timl-liger": ("timl compiled + Liger fused loss, padded", functools.partial(timl, use_liger_kernel=True)),
+                                 functools.partial(timl, fp8="tensorwise")),
+    "timl-defaults-fp8": ("timl's defaults, --fp8 tensorwise (the head in FP8 too)",
+                          functools.partial(timl_variant, fp8="tensorwise")),
+    "timl-cce": ("timl compiled + Cut Cross-Entropy, padded",
+                 functools.partial(timl, loss_implementation="cut_cross_entropy")),
+    "timl-liger": ("timl compiled + Liger fused loss, padded", functools.partial(timl, loss_implementation="liger")),
     "timl-cce-kernel": ("timl compiled + CCE's own kernel (impl=cce), padded",
-                        functools.partial(timl, use_cut_cross_entropy=True, cut_cross_entropy_kwargs={"impl": "cce"})),
+                        functools.partial(timl, loss_implementation="cut_cross_entropy",
+                                          cut_cross_entropy_kwargs={"impl": "cce"})),
     "plain-padded": ("plain loop, compiled model + loss, vocab padded to 64", plain_padded),
     "plain": ("plain loop, compiled model + loss, vocab unpadded", plain_variant),
     "plain-padded-compiled-step": ("plain loop as plain-padded, its AdamW step compiled instead of fused",

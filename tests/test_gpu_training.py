@@ -116,7 +116,7 @@ def test_fsdp_reduces_gradients_in_fp32_and_logs_the_loss_of_ddp_not_rounded_to_
 
 @pytest.mark.parametrize(("model", "fsdp", "extra"), [
     ("gpt2", False, ["--torch_compile", "true", "--loss_implementation", "chunked"]),
-    ("llama", False, ["--torch_compile", "true", "--use_liger_kernel", "true"]),
+    ("llama", False, ["--torch_compile", "true", "--loss_implementation", "liger"]),
     ("gpt2", True, []),
     ("llama", True, ["--activation_checkpointing", "true"]),
 ], ids=["gpt2-compiled-chunked", "llama-compiled-liger", "gpt2-fsdp", "llama-fsdp-checkpointed"])

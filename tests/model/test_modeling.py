@@ -3,8 +3,6 @@ and configs built with --config_overrides that transformers will save."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from transformers import AutoConfig, LlamaConfig
@@ -26,12 +24,12 @@ def run(tmp_path, name: str, **overrides) -> list[float]:
     return [r["train_loss"] for r in read_metrics(tmp_path / name) if "train_loss" in r]
 
 
-def test_activation_checkpointing_recomputes_to_the_same_losses(tmp_path):
-    assert run(tmp_path, "checkpointed", activation_checkpointing=True) == run(tmp_path, "plain")
+def test_full_activation_memory_recomputes_each_block_to_the_same_losses(tmp_path):
+    assert run(tmp_path, "checkpointed", activation_memory="full") == run(tmp_path, "plain")
 
 
-def test_regional_compilation_compiles_each_block_and_trains_to_the_same_losses(tmp_path):
-    compiled = run(tmp_path, "regional", torch_compile=True, regional_compilation=True)
+def test_compiling_each_block_trains_to_the_same_losses(tmp_path):
+    compiled = run(tmp_path, "blocks", torch_compile="blocks")
     assert compiled == pytest.approx(run(tmp_path, "eager"), rel=1e-5)
 
 
@@ -46,14 +44,14 @@ def test_fp8_without_fp8_hardware_is_refused_before_training(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a GPU with FP8 tensor cores")
-def test_fp8_output_head_trains_the_tied_head_in_fp8_and_saves_a_loadable_model(tmp_path):
+def test_fp8_trains_the_tied_head_in_fp8_and_saves_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     write_learnable_shards(tmp_path, 2048, "train")
     args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
                              block_size=16, train_batch_size=16, per_device_train_batch_size=16, max_train_steps=20,
                              log_every_steps=1, save_every_steps=0, report_to="none", optim="adamw_torch",
-                             learning_rate=1e-2, fp8="tensorwise", fp8_output_head=True)
+                             learning_rate=1e-2, fp8="tensorwise")
     torch.manual_seed(0)
     model = build_model(build_config("gpt2", TINY_GPT2))
     trainer = Trainer(model, args)
@@ -69,37 +67,36 @@ def test_fp8_output_head_trains_the_tied_head_in_fp8_and_saves_a_loadable_model(
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
-def test_bad_compile_and_fp8_arguments_are_named():
+def test_bad_compile_memory_and_fp8_arguments_are_named():
     with pytest.raises(ValueError) as error:
-        TrainingArguments(fp8="e5m2", regional_compilation=True, torch_compile_mode="fastest",
-                          activation_memory_budget=1.5)
-    for text in ("--fp8 'e5m2'", "--regional_compilation needs --torch_compile", "--torch_compile_mode 'fastest'",
-                 "--activation_memory_budget needs --torch_compile", "--activation_memory_budget 1.5 is not between"):
+        TrainingArguments(fp8="e5m2", torch_compile="fastest", activation_memory="1.5", pad_vocab_size_to="-3")
+    for text in ("--fp8 'e5m2'", "--torch_compile 'fastest'", "--activation_memory '1.5' is not none, selective",
+                 "--pad_vocab_size_to '-3'"):
         assert text in str(error.value)
+    with pytest.raises(ValueError, match="--activation_memory 0.5 is the compiler's"):
+        TrainingArguments(torch_compile="false", activation_memory="0.5")
 
 
-def test_fp8_output_head_needs_fp8_and_the_models_own_logits():
-    with pytest.raises(ValueError) as error:
-        TrainingArguments(output_dir="unused", fp8_output_head=True, loss_implementation="chunked")
-    for text in ("--fp8_output_head needs --fp8", "the chunked loss path multiplies the head's weight itself"):
-        assert text in str(error.value)
-    TrainingArguments(output_dir="unused", fp8="tensorwise", fp8_output_head=True, loss_implementation="logits")
+def test_an_fp8_head_needs_the_models_own_logits():
+    with pytest.raises(ValueError, match="the chunked loss path multiplies the head's weight itself"):
+        TrainingArguments(output_dir="unused", fp8="tensorwise", loss_implementation="chunked")
+    TrainingArguments(output_dir="unused", fp8="tensorwise", loss_implementation="logits")
+    TrainingArguments(output_dir="unused", fp8="tensorwise_body", loss_implementation="chunked")
 
 
-def saved_bytes_of_a_compiled_step(budget: float | None = None, **arguments: Any) -> tuple[int, float]:
+def saved_bytes_of_a_compiled_step(activation_memory: str = "none") -> tuple[int, float]:
     """Bytes the compiled training module keeps for its backward (through autograd's saved-tensor hooks), and the
-    loss, with timl's compile_model given `budget` and the other training `arguments`."""
-    from timl.model.forward import TrainingLoss
-    from timl.model.build import compile_model
-    from timl.model.forward import CausalLMForTraining
+    loss, compiled whole by the plan for `activation_memory`."""
+    from timl.model.forward import CausalLMForTraining, TrainingLoss
     from timl.model.head import read_head
+    from timl.train.plan import compile_training, make_plan
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(build_config("gpt2", TINY_GPT2))
     training = CausalLMForTraining(model, TrainingLoss("full", read_head(model)), {}, return_outputs=False)
-    args = TrainingArguments(output_dir="unused", torch_compile=True, activation_memory_budget=budget, **arguments)
-    step = compile_model(training, model, args)
+    args = TrainingArguments(output_dir="unused", torch_compile="model", activation_memory=activation_memory)
+    step = compile_training(training, model, make_plan(args.compute, torch.device("cpu"), model))
     tokens = torch.randint(0, 64, (4, 33))
     inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     saved = {}
@@ -117,33 +114,33 @@ def saved_bytes_of_a_compiled_step(budget: float | None = None, **arguments: Any
 def test_a_lower_activation_memory_budget_makes_the_compiled_step_keep_less_for_its_backward():
     import torch._functorch.config as functorch_config
 
-    # The config's own patch restores what compile_model sets (pytest's monkeypatch would delete the attribute on
+    # The config's own patch restores what compile_training sets (pytest's monkeypatch would delete the attribute on
     # undo, which hides it from every later compile in this process).
     with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget):
-        default_bytes, default_loss = saved_bytes_of_a_compiled_step(None)
-        lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(0.0)
+        default_bytes, default_loss = saved_bytes_of_a_compiled_step()
+        lean_bytes, lean_loss = saved_bytes_of_a_compiled_step("0.0")
         assert functorch_config.activation_memory_budget == 0.0
     assert lean_bytes < 0.75 * default_bytes
     assert lean_loss == pytest.approx(default_loss, rel=1e-6)
 
 
-def test_compile_recompute_pointwise_makes_the_compiled_step_keep_less_for_its_backward():
+def test_selective_activation_memory_makes_the_compiled_step_keep_less_for_its_backward():
     import torch._functorch.config as functorch_config
 
     ban = functorch_config.ban_recompute_materialized_backward
     with functorch_config.patch(ban_recompute_materialized_backward=ban):
         default_bytes, default_loss = saved_bytes_of_a_compiled_step()
         assert functorch_config.ban_recompute_materialized_backward is True
-        lean_bytes, lean_loss = saved_bytes_of_a_compiled_step(compile_recompute_pointwise=True)
+        lean_bytes, lean_loss = saved_bytes_of_a_compiled_step("selective")
         assert functorch_config.ban_recompute_materialized_backward is False
     assert functorch_config.ban_recompute_materialized_backward is ban
     assert lean_bytes < 0.9 * default_bytes
     assert lean_loss == pytest.approx(default_loss, rel=1e-6)
 
 
-def test_compile_recompute_pointwise_needs_torch_compile():
-    with pytest.raises(ValueError, match="--compile_recompute_pointwise needs --torch_compile"):
-        TrainingArguments(output_dir="unused", compile_recompute_pointwise=True)
+def test_selective_activation_memory_needs_compilation():
+    with pytest.raises(ValueError, match="--activation_memory selective is the compiler's"):
+        TrainingArguments(output_dir="unused", torch_compile="false", activation_memory="selective")
 
 
 # The README's own example, word for word.

@@ -30,7 +30,22 @@ METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 # Accelerate's trackers (LoggerType; checked against it by the same test).
 TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "flex_attention", "eager")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_CHOICES = ("auto", "blocks", "model", "true", "false")
+ACTIVATION_MEMORY_CHOICES = ("none", "selective", "full")
+FP8_RECIPES = ("tensorwise", "rowwise", "tensorwise_body", "rowwise_body")
+# Flags that were folded into others: each is refused with its replacement, on the command line, in an arguments
+# file and in TrainingArguments(...).
+REMOVED_FLAGS = {
+    "regional_compilation": "--torch_compile blocks (per block is the default on a GPU)",
+    "torch_compile_mode": "nothing: the default mode is the fastest measured (max-autotune: +0.6% for a 10x longer "
+                          "first step, benchmarks/RESULTS.md)",
+    "compile_recompute_pointwise": "--activation_memory selective",
+    "activation_memory_budget": "--activation_memory BUDGET (a number between 0 and 1)",
+    "activation_checkpointing": "--activation_memory full",
+    "fp8_output_head": "--fp8 tensorwise or rowwise, which put the head in FP8 (tensorwise_body keeps it in bf16)",
+    "use_liger_kernel": "--loss_implementation liger",
+    "use_cut_cross_entropy": "--loss_implementation cut_cross_entropy",
+}
 
 
 def _arg(default: Any, help: str, **metadata: Any) -> Any:
@@ -221,16 +236,13 @@ class LossArguments:
                                             "chunked on a GPU, full on the CPU), "
                                             "logits (the model's own forward), full (the model's head on its hidden "
                                             "states, in one piece), chunked (the same, a chunk of tokens at a time: "
-                                            "no full logits), liger or cut_cross_entropy (fused kernels, CUDA). "
+                                            "no full logits), liger or cut_cross_entropy (fused kernels, CUDA; "
+                                            "liger also patches the model's own modules). "
                                             "Every path gives the model's own loss: a head it cannot reproduce "
                                             "falls back to logits, said once.")
     z_loss_coefficient: float = _arg(0.0, "Add this × mean(logsumexp(logits)²) to the loss (PaLM's z-loss, 1e-4 "
                                           "there); logged as train_z_loss. 0 turns it off.")
-    use_liger_kernel: bool = _arg(False, "Use Liger's kernels where they fit the model, and its fused loss "
-                                         "(--loss_implementation liger).")
     liger_kernel_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of arguments for Liger's patching.")
-    use_cut_cross_entropy: bool = _arg(False, "Use Cut Cross-Entropy's fused linear cross-entropy loss "
-                                              "(--loss_implementation cut_cross_entropy).")
     cut_cross_entropy_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of arguments for Cut Cross-Entropy.")
 
     def problems(self) -> list[str]:
@@ -238,72 +250,70 @@ class LossArguments:
         if self.loss_implementation not in ("auto", *LOSS_PATHS):
             problems.append(f"--loss_implementation {self.loss_implementation!r} is not one of auto, "
                             f"{', '.join(LOSS_PATHS)}")
-        flags = [name for name, on in (("liger", self.use_liger_kernel),
-                                       ("cut_cross_entropy", self.use_cut_cross_entropy)) if on]
-        if len(flags) > 1 or flags and self.loss_implementation not in ("auto", flags[0]):
-            problems.append(f"--use_liger_kernel, --use_cut_cross_entropy and --loss_implementation "
-                            f"{self.loss_implementation} ask for different loss paths: pick one")
-        if self.z_loss_coefficient and self.requested_path == "cut_cross_entropy":
-            problems.append("--z_loss_coefficient does not work with --use_cut_cross_entropy, which has no z-loss")
+        if self.z_loss_coefficient and self.loss_implementation == "cut_cross_entropy":
+            problems.append("--z_loss_coefficient does not work with --loss_implementation cut_cross_entropy, which "
+                            "has no z-loss")
         return problems + _not_negative(self, "z_loss_coefficient")
-
-    @property
-    def requested_path(self) -> str:
-        """--loss_implementation, with --use_liger_kernel and --use_cut_cross_entropy as its two shorthands."""
-        if self.use_liger_kernel:
-            return "liger"
-        if self.use_cut_cross_entropy:
-            return "cut_cross_entropy"
-        return self.loss_implementation
 
 
 @dataclass
 class ComputeArguments:
-    """How each step computes: precision, compilation, recomputation, FP8, vocab padding, the forward's arguments."""
+    """How each step computes. "auto" leaves a choice to the performance plan (timl/train/plan.py), which picks from
+    the hardware and the model and prints each choice with its reason; a value given here overrides it."""
 
     bf16: bool = _arg(True, "bf16 autocast on GPUs. Ignored on the CPU, which trains in fp32.")
-    torch_compile: bool = _arg(False, "Compile the model's forward together with the loss.")
-    torch_compile_mode: str | None = _arg(None, f"torch.compile's mode: {', '.join(COMPILE_MODES[:-1])} or "
-                                                f"{COMPILE_MODES[-1]}.")
-    regional_compilation: bool = _arg(False, "With --torch_compile: compile each transformer block on its own "
-                                             "(one graph, reused by every block) instead of the whole model: a much "
-                                             "faster first step; the rest runs eager.")
-    activation_memory_budget: float | None = _arg(None, "With --torch_compile: the share (0 to 1) of its saved "
-                                                      "activations the compiler may keep; below 1 it recomputes the "
-                                                      "cheapest ones in the backward (torch._functorch.config."
-                                                      "activation_memory_budget). Default: the compiler's own choice.")
-    compile_recompute_pointwise: bool = _arg(False, "With --torch_compile: let the compiler recompute cheap "
-                                                    "pointwise activations in the backward even where it must "
-                                                    "write them to memory there (torch._functorch.config."
-                                                    "ban_recompute_materialized_backward off). On one H100: Llama-1B "
-                                                    "at 8 x 2048 tokens peaks 8.6 GiB lower at 0.99x the speed, "
-                                                    "GPT-2 3.6 GiB lower at 0.98x (benchmarks/RESULTS.md).")
-    activation_checkpointing: bool = _arg(False, "Recompute each transformer block's activations in the backward "
-                                                 "instead of keeping them: far less memory, about a third more "
-                                                 "compute. Works with DDP and FSDP.")
-    fp8: str | None = _arg(None, "FP8 training of the decoder's linear layers through torchao: tensorwise or "
-                                 "rowwise scaling (needs a GPU of compute capability 8.9 or more, e.g. H100).")
-    fp8_output_head: bool = _arg(False, "With --fp8: the output head in FP8 too. Its logits then come from the "
-                                        "model's own forward (the logits loss path, which auto picks).")
-    pad_vocab_size_to: int | None = _arg(None, "Pad the vocab to a multiple of this (64 is fast on GPUs); padded "
-                                               "rows never get probability mass, and the config states the padding.")
+    torch_compile: str = _arg("auto", "auto (on a GPU: each transformer block compiled on its own, with the "
+                                      "chunked head's maths; on the CPU: off), blocks, model (the whole model and "
+                                      "loss in one graph: the same speed, a first step several times longer), "
+                                      "true (= model) or false.", choices=list(COMPILE_CHOICES))
+    activation_memory: str = _arg("none", "What the backward may recompute instead of keeping: none; selective "
+                                          "(with compilation: cheap pointwise activations; on one H100, Llama-1B "
+                                          "at 8 x 2048 tokens peaks 8.6 GiB lower at 0.99x the speed); full (each "
+                                          "transformer block, about a third more compute, works with DDP and "
+                                          "FSDP); or a budget between 0 and 1 (with compilation: the share of its "
+                                          "saved activations the compiler may keep).")
+    fp8: str | None = _arg(None, "FP8 training through torchao (a GPU of compute capability 8.9 or more, e.g. "
+                                 "H100): tensorwise or rowwise scaling of the decoder's linear layers and the "
+                                 "output head (whose logits then come from the model's own forward), or "
+                                 "tensorwise_body / rowwise_body to keep the head in bf16.",
+                           choices=[None, *FP8_RECIPES])
+    pad_vocab_size_to: str = _arg("auto", "Pad the vocab to a multiple of this: auto (64 on a GPU, where it is "
+                                          "faster; none on the CPU), none, or a number. Padded rows never get "
+                                          "probability mass, and the config states the padding.")
     forward_kwargs: dict[str, Any] | str | None = _arg(None, "JSON of extra keyword arguments for model.forward.")
 
     def problems(self) -> list[str]:
         problems = _json_objects(self, "forward_kwargs")
-        if self.fp8 not in (None, "tensorwise", "rowwise"):
-            problems.append(f"--fp8 {self.fp8!r} is not a recipe: use tensorwise or rowwise")
-        if self.fp8_output_head and not self.fp8:
-            problems.append("--fp8_output_head needs --fp8")
-        for name in ("activation_memory_budget", "compile_recompute_pointwise", "regional_compilation"):
-            if getattr(self, name) not in (None, False) and not self.torch_compile:
-                problems.append(f"--{name} needs --torch_compile")
-        if self.activation_memory_budget is not None and not 0.0 <= self.activation_memory_budget <= 1.0:
-            problems.append(f"--activation_memory_budget {self.activation_memory_budget} is not between 0 and 1")
-        if self.torch_compile_mode not in (None, *COMPILE_MODES):
-            problems.append(f"--torch_compile_mode {self.torch_compile_mode!r} is not one of "
-                            f"{', '.join(COMPILE_MODES)}")
-        return problems + _positive(self, "pad_vocab_size_to", optional=True)
+        if isinstance(self.torch_compile, bool):  # TrainingArguments(torch_compile=True), as the flag once was
+            self.torch_compile = str(self.torch_compile).lower()
+        if self.torch_compile not in COMPILE_CHOICES:
+            problems.append(f"--torch_compile {self.torch_compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
+        if self.fp8 not in (None, *FP8_RECIPES):
+            problems.append(f"--fp8 {self.fp8!r} is not a recipe: use one of {', '.join(FP8_RECIPES)}")
+        if self.pad_vocab_size_to not in ("auto", "none"):
+            try:
+                if int(self.pad_vocab_size_to) < 1:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"--pad_vocab_size_to {self.pad_vocab_size_to!r} is not auto, none or a positive "
+                                f"number")
+        if self.activation_memory not in ACTIVATION_MEMORY_CHOICES:
+            try:
+                if not 0.0 <= float(self.activation_memory) <= 1.0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"--activation_memory {self.activation_memory!r} is not none, selective, full or a "
+                                f"budget between 0 and 1")
+        compiler_only = self.activation_memory not in ("none", "full")
+        if compiler_only and self.torch_compile == "false":
+            problems.append(f"--activation_memory {self.activation_memory} is the compiler's: it needs compilation "
+                            f"(--torch_compile auto, blocks or model)")
+        return problems
+
+    @property
+    def fp8_head(self) -> bool:
+        """Whether the FP8 recipe puts the output head in FP8 too."""
+        return self.fp8 is not None and not self.fp8.endswith("_body")
 
 
 @dataclass
@@ -392,9 +402,11 @@ class TrainingArguments:
 
     def __init__(self, **values: Any):
         groups = {name: values.pop(name) for name in list(values) if name in self.GROUPS}
-        unknown = [name for name in values if name not in FIELD_GROUPS]
-        if unknown:
-            raise TypeError(f"TrainingArguments got unknown arguments: {', '.join(unknown)}")
+        removed = [f"{name} was removed: use {REMOVED_FLAGS[name]}" for name in values if name in REMOVED_FLAGS]
+        unknown = [name for name in values if name not in FIELD_GROUPS and name not in REMOVED_FLAGS]
+        if removed or unknown:
+            raise TypeError("; ".join(removed + ([f"TrainingArguments got unknown arguments: {', '.join(unknown)}"]
+                                                 if unknown else [])))
         for name, group_type in self.GROUPS.items():
             given = groups.get(name)
             changes = {key: value for key, value in values.items() if FIELD_GROUPS[key] == name}
@@ -422,9 +434,10 @@ class TrainingArguments:
         problems = []
         if self.loop.max_eval_steps is not None and self.data.max_eval_tokens is not None:
             problems.append("--max_eval_steps and --max_eval_tokens contradict each other: give one of them")
-        if self.compute.fp8_output_head and self.loss.requested_path not in ("auto", "logits"):
-            problems.append(f"--fp8_output_head trains on the model's own logits: the {self.loss.requested_path} "
-                            f"loss path multiplies the head's weight itself, so its head would stay in bf16")
+        if self.compute.fp8_head and self.loss.loss_implementation not in ("auto", "logits"):
+            problems.append(f"--fp8 {self.compute.fp8} trains the head in FP8 on the model's own logits: the "
+                            f"{self.loss.loss_implementation} loss path multiplies the head's weight itself, so its "
+                            f"head would stay in bf16 (--fp8 {self.compute.fp8}_body keeps it there on purpose)")
         return problems
 
     def __getattr__(self, name: str) -> Any:

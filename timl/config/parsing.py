@@ -19,7 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 from transformers import HfArgumentParser
 
-from timl.config.arguments import TrainingArguments
+from timl.config.arguments import REMOVED_FLAGS, TrainingArguments
 
 # timl/data/sources.py also reads these as a list of {name, pattern, weight} mappings, which only a file can hold.
 SOURCE_LIST_FIELDS = ("train_file_pattern", "eval_file_pattern")
@@ -49,6 +49,7 @@ def parse_args(*dataclass_types: type, argv: list[str] | None = None,
         raise ValueError(f"parse_args: defaults for arguments that do not exist: {', '.join(unknown)}")
     parser.set_defaults(**defaults)
     argv = sys.argv[1:] if argv is None else argv
+    refuse_removed_flags(argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         parsed = list(parser.parse_dict({**defaults, **file_arguments(argv[0], parser)}))
     else:
@@ -61,6 +62,15 @@ def parse_args(*dataclass_types: type, argv: list[str] | None = None,
         else:
             results.append(parsed.pop(0))
     return tuple(results)
+
+
+def refuse_removed_flags(argv: list[str]) -> None:
+    """Ends the process, as argparse does for a bad flag, with one line per removed flag naming its replacement."""
+    named = [word[2:].split("=", 1)[0].replace("-", "_") for word in argv if word.startswith("--")]
+    removed = [f"--{name} was removed: use {REMOVED_FLAGS[name]}" for name in named if name in REMOVED_FLAGS]
+    if removed:
+        print("\n".join(f"timl: {line}" for line in removed), file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _groups(dataclass_type: type) -> list[type]:
@@ -87,7 +97,9 @@ def file_arguments(path: str, parser: HfArgumentParser) -> dict[str, Any]:
     # argparse keeps its actions in _actions; each holds the converter and choices HfArgumentParser gave its field.
     actions = {action.dest: action for action in parser._actions if f"--{action.dest}" in action.option_strings}
     unknown = [name for name in values if name not in hints]
-    problems = [f"unknown arguments: {', '.join(unknown)}"] if unknown else []
+    problems = [f"{name} was removed: use {REMOVED_FLAGS[name]}" for name in unknown if name in REMOVED_FLAGS]
+    others = [name for name in unknown if name not in REMOVED_FLAGS]
+    problems += [f"unknown arguments: {', '.join(others)}"] if others else []
     converted = {}
     for name, value in values.items():
         if name in unknown:

@@ -43,7 +43,7 @@ def choose_training_loss(model: torch.nn.Module, requested: str, device: torch.d
 
     `requested` is a LOSS_PATHS name or "auto" (the fastest exact path: chunked on a GPU, full on the CPU).
     Whatever is asked, a head that does not reproduce the model's own logits sends training to them, said once; so
-    do, under "auto", a custom loss (`compute_loss_func`), train metrics and --fp8_output_head, which need the
+    do, under "auto", a custom loss (`compute_loss_func`), train metrics and an FP8 head, which need the
     logits (a path asked for by name that makes none is refused instead, except for train metrics, then skipped);
     an unavailable fused kernel falls back to "auto", said once.
     """
@@ -53,7 +53,7 @@ def choose_training_loss(model: torch.nn.Module, requested: str, device: torch.d
     if train_metrics and requested == "auto":
         needed_by = needed_by or "the train metrics"
     if fp8_output_head:
-        needed_by = needed_by or "--fp8_output_head"
+        needed_by = needed_by or "an FP8 head (--fp8)"
     path, head = _path_and_head(model, requested, device, forward_kwargs, needed_by)
     if path != "logits" and train_metrics:
         logger.warning("The %s loss path makes no logits, so train metrics are skipped; they still run at eval.", path)

@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from timl.checkpoint.state import write_model_config
-from timl.config.arguments import ATTENTION_CHOICES, ComputeArguments
+from timl.config.arguments import ATTENTION_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -208,36 +208,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> str:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     return "activation checkpointing per block"
-
-
-def compile_model(training: torch.nn.Module, model: torch.nn.Module, args: ComputeArguments) -> torch.nn.Module:
-    """What the training step calls: the prepared module compiled whole (autocast, model and loss in one graph),
-    or, with --regional_compilation, each transformer block compiled in place (one graph that every block
-    reuses), or the module as it is."""
-    if not args.torch_compile:
-        return training
-    options = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
-    import torch._functorch.config as functorch_config
-
-    # Both are read by AOTAutograd's partitioner when the first step compiles; one training run per process.
-    if args.activation_memory_budget is not None:
-        functorch_config.activation_memory_budget = args.activation_memory_budget
-    if args.compile_recompute_pointwise:
-        if not hasattr(functorch_config, "ban_recompute_materialized_backward"):
-            raise ValueError(f"--compile_recompute_pointwise: torch {torch.__version__} has no "
-                             f"torch._functorch.config.ban_recompute_materialized_backward")
-        functorch_config.ban_recompute_materialized_backward = False
-    if not args.regional_compilation:
-        return torch.compile(training, **options)
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
-    if not blocks:
-        raise ValueError(f"--regional_compilation: {type(model).__name__} names no transformer block class "
-                         f"(_no_split_modules); use whole-model --torch_compile.")
-    for block in blocks:
-        block.compile(**options)
-    logger.info("Compiled %d %s blocks one by one.", len(blocks), "/".join(sorted(block_names)))
-    return training
 
 
 def check_tied_weights(model: torch.nn.Module) -> None:

@@ -61,7 +61,7 @@ def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device, output_
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output_head and not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"--fp8_output_head: {type(model).__name__}'s output head is "
+        raise ValueError(f"--fp8 with the head: {type(model).__name__}'s output head is "
                          f"{type(head).__name__ if head is not None else 'missing'}, not a torch.nn.Linear")
     if output_head:
         head = None

@@ -18,30 +18,32 @@ from accelerate import Accelerator
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from timl.checkpoint import manager as checkpoint
-from timl.report import summary
-from timl.config.arguments import DataArguments, HubArguments, TrainingArguments
-from timl.train.callbacks import CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl, TrainerState
-from timl.collectives import from_rank_0
-from timl.errors import RunError
-from timl.model.kernels import apply_fp8, apply_liger
-from timl.model.build import (check_config_saves, check_tied_weights, compile_model, enable_activation_checkpointing,
-                              pad_vocab, real_vocab_size)
-from timl.model.forward import CausalLMForTraining
-from timl.data.loader import BatchLoader
-from timl.loss.cross_entropy import LossFunction
-from timl.loss.select import choose_training_loss
-from timl.report.metrics import CrossEntropy, Metric, report
-from timl.optim import OptimizerSet, build_optimizer_set
-from timl.train.preemption import PreemptionGuard
-from timl.report.provenance import provenance
 from timl.checkpoint.run_folder import RunLock, another_run_problems, clear_previous_run
-from timl.report.run_log import RunLog
+from timl.collectives import from_rank_0
+from timl.config.arguments import DataArguments, HubArguments, TrainingArguments
+from timl.data.loader import BatchLoader
 from timl.data.saved_tokenizer import find_tokenizer
 from timl.data.sources import eval_loader_factories, is_mixture, source_problems, train_loader
+from timl.errors import RunError
+from timl.loss.cross_entropy import LossFunction
+from timl.loss.select import choose_training_loss
+from timl.model.build import (check_config_saves, check_tied_weights, enable_activation_checkpointing, pad_vocab,
+                              real_vocab_size)
+from timl.model.forward import CausalLMForTraining
+from timl.model.kernels import apply_fp8, apply_liger
+from timl.optim import OptimizerSet, build_optimizer_set, fused_adamw
+from timl.report import summary
+from timl.report.metrics import CrossEntropy, Metric, report
+from timl.report.provenance import provenance
+from timl.report.run_log import RunLog
+from timl.report.throughput import flops_per_token, peak_flops
 from timl.report.window import LogWindow
 from timl.train import schedule
+from timl.train.callbacks import (CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl,
+                                  TrainerState)
+from timl.train.plan import PerformancePlan, compile_training, make_plan
+from timl.train.preemption import PreemptionGuard
 from timl.train.step import StepResult, StepSignals, training_step
-from timl.report.throughput import flops_per_token, peak_flops
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class Trainer:
         # (padded vocab rows) is drawn from it too, the same on every rank.
         loop = args.loop
         enable_full_determinism(loop.seed) if loop.full_determinism else set_seed(loop.seed)
-        self.kernels = self.apply_kernels(model, compute_loss_func, train_metrics)
+        self.plan = self.apply_kernels(model, compute_loss_func, train_metrics)
         # What every checkpoint will write, written once now: a config that cannot be saved stops the run here.
         check_config_saves(model)
         # From here each rank draws its own dropout masks; the data order is keyed by --seed alone (timl.data.loader).
@@ -133,31 +135,39 @@ class Trainer:
         # Everything the run uses is built here, so that evaluate() works on a fresh Trainer.
         self.train_loader = self.train_loader_factory(args.data, self.accelerator)
         self.prepare(schedule.total_steps(loop, args.data, self.train_loader))
+        # A training session's own: begin() sets them again, from the checkpoint when the run resumes.
+        self.state: TrainerState | None = None
+        self.guard: PreemptionGuard | None = None
+        self.resumed_step: int | None = None
+        self.eval_pending = False
+        self.window, self.signals = LogWindow(self.accelerator.device), StepSignals(self.accelerator.device)
 
     def apply_kernels(self, model: torch.nn.Module, compute_loss_func: LossFunction | None,
-                      train_metrics: Sequence[Metric]) -> list[str]:
-        """Pads the vocab, takes the loss that timl.loss.select chooses for the arguments, and applies Liger's
-        modules and FP8 as they ask; returns what is on."""
-        compute, loss = self.args.compute, self.args.loss
-        active = []
-        if compute.pad_vocab_size_to:
-            pad_vocab(model, compute.pad_vocab_size_to)
-            active.append(f"vocab padded to {model.config.vocab_size}")
+                      train_metrics: Sequence[Metric]) -> PerformancePlan:
+        """Makes the performance plan (timl/train/plan.py) and applies it to the model: vocab padding, FP8,
+        activation checkpointing, Liger's modules; takes the loss that timl.loss.select chooses; prints the plan."""
+        compute, loss, device = self.args.compute, self.args.loss, self.accelerator.device
+        plan = make_plan(compute, device, model)
+        if plan.pad_vocab_to:
+            pad_vocab(model, plan.pad_vocab_to)
         self.training_loss = choose_training_loss(
-            model, loss.requested_path, self.accelerator.device, compute.forward_kwargs,
+            model, loss.loss_implementation, device, compute.forward_kwargs,
             compute_loss_func=compute_loss_func, train_metrics=bool(train_metrics),
-            fp8_output_head=compute.fp8_output_head, z_loss_coefficient=loss.z_loss_coefficient,
+            fp8_output_head=plan.fp8_head, z_loss_coefficient=loss.z_loss_coefficient,
             cut_cross_entropy_kwargs=loss.cut_cross_entropy_kwargs)
+        applied = []
         if self.training_loss.path == "liger":
-            active += apply_liger(model, loss.liger_kernel_kwargs)
-        if compute.fp8:
-            active.append(apply_fp8(model, compute.fp8, self.accelerator.device, output_head=compute.fp8_output_head))
-        if compute.activation_checkpointing:
-            active.append(enable_activation_checkpointing(model))
-        active.append(self.training_loss.describe() + (", compiled with the model" if compute.torch_compile else ""))
+            applied += apply_liger(model, loss.liger_kernel_kwargs)
+        if plan.fp8:
+            applied.append(apply_fp8(model, plan.fp8, device, output_head=plan.fp8_head))
+        if plan.activation_memory == "full":
+            enable_activation_checkpointing(model)
         self.train_metrics_on = self.training_loss.path == "logits"
-        logger.info("Kernels: %s.", "; ".join(active))
-        return active
+        logger.info(plan.describe(self.training_loss.describe(),
+                                  f"optimizer: {self.args.optimizer.optim}"
+                                  + (", fused" if fused_adamw(self.args.optimizer.optim, device) else ""),
+                                  *applied))
+        return plan
 
     def train(self) -> dict[str, float]:
         """Trains to the end, or until a stop signal or a callback stops it; returns the latest logged values."""
@@ -188,7 +198,7 @@ class Trainer:
         except BaseException as error:
             # What was saved stays whole: the pending uploads get the preemption grace, the trackers are closed.
             try:
-                if hasattr(self, "state"):  # the session had begun: the callbacks have a state to see
+                if self.state is not None:  # the session had begun: the callbacks have a state to see
                     self.fire("on_error", error=error)
             finally:
                 self.close(upload_timeout=args.hub.preemption_upload_seconds)
@@ -388,7 +398,7 @@ class Trainer:
             logger.info("FSDP2 mixed precision: parameters %s, gradient reduction %s, outputs %s.",
                         policy.param_dtype, policy.reduce_dtype, policy.output_dtype or "as computed")
         check_tied_weights(self.model)
-        self.forward_loss = compile_model(self.training_model, self.model, self.args.compute)
+        self.forward_loss = compile_training(self.training_model, self.model, self.plan)
         self.total_steps = total_steps
         # Every rank writes its shard of a checkpoint into output_dir: on several nodes it must be shared.
         output_dir = self.args.checkpoint.output_dir

@@ -1,0 +1,161 @@
+"""The performance plan (timl/train/plan.py): which choice on which hardware, what an override costs, the folded
+flags, and the frozen command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import TINY_GPT2, write_learnable_shards
+from timl.config import ModelArguments, TrainingArguments, parse_args
+from timl.model.build import build_config, build_model
+from timl.train.plan import VOCAB_MULTIPLE, make_plan
+from timl.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU, CPU = torch.device("cuda"), torch.device("cpu")  # the plan reads the device's type; nothing runs on it
+
+# `timl train`'s flags and defaults. A change here is a change to every user's command line: make it on purpose, and
+# give a removed flag its one-line error in timl.config.arguments.REMOVED_FLAGS.
+FROZEN_FLAGS = {
+    'model_name': 'gpt2', 'config_overrides': None, 'from_pretrained': None, 'attn_implementation': None,
+    'trust_remote_code': False, 'train_file_pattern': None, 'eval_file_pattern': None, 'block_size': 1024,
+    'train_batch_size': 512, 'per_device_train_batch_size': 32, 'per_device_eval_batch_size': 64,
+    'max_eval_tokens': None, 'tokenizer_name': None, 'shuffle': False, 'max_train_tokens': None,
+    'max_train_steps': None, 'num_train_epochs': 1.0, 'log_every_steps': 10, 'eval_every_steps': 100,
+    'max_eval_steps': None, 'early_stopping_patience': None, 'skip_nonfinite_steps': 0, 'seed': 0,
+    'full_determinism': False, 'debug': False, 'optim': 'adamw_torch_fused', 'learning_rate': 0.0006,
+    'weight_decay': 0.1, 'adam_beta1': 0.9, 'adam_beta2': 0.95, 'adam_epsilon': 1e-08, 'max_grad_norm': 1.0,
+    'muon_learning_rate': 0.02, 'muon_momentum': 0.95, 'muon_weight_decay': 0.0, 'decay_embeddings': True,
+    'lr_scheduler_type': 'cosine', 'lr_scheduler_kwargs': None, 'warmup_ratio': 0.0, 'warmup_steps': 0,
+    'loss_implementation': 'auto', 'z_loss_coefficient': 0.0, 'liger_kernel_kwargs': None,
+    'cut_cross_entropy_kwargs': None, 'bf16': True, 'torch_compile': 'auto', 'activation_memory': 'none',
+    'fp8': None, 'pad_vocab_size_to': 'auto', 'forward_kwargs': None, 'output_dir': 'runs/timl',
+    'overwrite_output_dir': False, 'save_every_steps': 1000, 'save_total_limit': None,
+    'resume_from_checkpoint': None, 'push_to_hub': False, 'hub_model_id': None, 'hub_token': None,
+    'hub_private': None, 'hub_target': 'hub', 'preemption_upload_seconds': 20.0, 'report_to': 'wandb',
+    'wandb_project': 'timl', 'wandb_run_name': None,
+}
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    return build_model(build_config("gpt2", TINY_GPT2))
+
+
+def plan_for(device: torch.device, model: torch.nn.Module | None = None, **values):
+    args = TrainingArguments(output_dir="unused", report_to="none", **values)
+    return make_plan(args.compute, device, model if model is not None else tiny_gpt2())
+
+
+def test_the_command_line_is_frozen():
+    import dataclasses
+
+    flags = {f.name: f.default for f in dataclasses.fields(ModelArguments)}
+    flags |= {f.name: f.default for group in TrainingArguments.GROUPS.values() for f in dataclasses.fields(group)}
+    assert flags == FROZEN_FLAGS
+
+
+def test_on_a_gpu_the_plan_compiles_each_block_pads_the_vocab_and_trains_in_bf16():
+    plan = plan_for(GPU)
+    assert (plan.compile, plan.pad_vocab_to, plan.bf16, plan.activation_memory) == ("blocks", VOCAB_MULTIPLE, True,
+                                                                                     "none")
+    text = plan.describe("loss: chunked")
+    for part in ("compile: each transformer block", f"vocab padding: to a multiple of {VOCAB_MULTIPLE}",
+                 "precision: bf16", "attention: ", "loss: chunked"):
+        assert part in text
+
+
+def test_on_the_cpu_the_plan_compiles_nothing_and_pads_nothing():
+    plan = plan_for(CPU)
+    assert (plan.compile, plan.pad_vocab_to, plan.bf16) == ("off", None, False)
+
+
+def test_a_model_without_block_classes_is_compiled_whole():
+    class Plain(torch.nn.Module):
+        pass
+
+    assert plan_for(GPU, Plain()).compile == "model"
+
+
+@pytest.mark.parametrize("values,warning", [
+    (dict(torch_compile="false"), "--torch_compile false on a GPU"),
+    (dict(torch_compile="model"), "--torch_compile model"),
+    (dict(pad_vocab_size_to="none"), "--pad_vocab_size_to none on a GPU"),
+    (dict(bf16=False), "--bf16 false on a GPU"),
+])
+def test_an_override_that_is_slower_on_a_gpu_says_so_once(values, warning, caplog):
+    with caplog.at_level(logging.WARNING, logger="timl.train.plan"):
+        plan_for(GPU, **values)
+    said = [record.message for record in caplog.records if warning in record.message]
+    assert len(said) == 1 and said[0].startswith("Slower than the plan")
+
+
+def test_overrides_are_taken_as_given():
+    plan = plan_for(GPU, torch_compile="true", pad_vocab_size_to="128", activation_memory="0.5", fp8="rowwise_body")
+    assert (plan.compile, plan.pad_vocab_to, plan.activation_memory_budget) == ("model", 128, 0.5)
+    assert (plan.fp8, plan.fp8_head) == ("rowwise", False)
+    assert plan_for(CPU, torch_compile="blocks").compile == "blocks"
+
+
+def test_a_compiler_memory_setting_without_compilation_is_refused_on_the_cpu():
+    with pytest.raises(ValueError, match="--activation_memory selective is the compiler's, and compilation is off"):
+        plan_for(CPU, activation_memory="selective")
+
+
+@pytest.mark.parametrize("flag,replacement", [
+    ("regional_compilation", "--torch_compile blocks"), ("activation_checkpointing", "--activation_memory full"),
+    ("compile_recompute_pointwise", "--activation_memory selective"), ("use_liger_kernel", "--loss_implementation liger"),
+    ("fp8_output_head", "--fp8 tensorwise"), ("torch_compile_mode", "the default mode is the fastest measured"),
+])
+def test_a_removed_flag_gets_one_line_naming_its_replacement(flag, replacement, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "timl", "train", f"--{flag}", "true", "--report_to", "none"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"timl: --{flag} was removed: use {timl_replacement(flag)}"
+    assert replacement in result.stderr
+    with pytest.raises(TypeError, match=f"{flag} was removed: use"):
+        TrainingArguments(**{flag: True})
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump({flag: True, "report_to": "none"}))
+    with pytest.raises(ValueError, match=f"{path}[\\s\\S]*{flag} was removed: use"):
+        parse_args(TrainingArguments, argv=[str(path)])
+
+
+def timl_replacement(flag: str) -> str:
+    from timl.config.arguments import REMOVED_FLAGS
+
+    return REMOVED_FLAGS[flag]
+
+
+def test_the_trainer_prints_the_plan_once_with_the_loss_and_the_optimizer(tmp_path, caplog):
+    write_learnable_shards(tmp_path, 1024, "train")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=4, per_device_train_batch_size=4, max_train_steps=1,
+                             report_to="none", optim="adamw_torch")
+    with caplog.at_level(logging.INFO):
+        Trainer(tiny_gpt2(), args)
+    plans = [record.message for record in caplog.records if record.message.startswith("Performance plan:")]
+    assert len(plans) == 1
+    for part in ("compile: off", "loss: full through the head", "optimizer: adamw_torch"):
+        assert part in plans[0]
+
+
+def test_the_padding_the_plan_chooses_reaches_the_model_and_its_saved_config(tmp_path):
+    write_learnable_shards(tmp_path, 1024, "train")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=4, per_device_train_batch_size=4, max_train_steps=1,
+                             report_to="none", optim="adamw_torch", pad_vocab_size_to="48", save_every_steps=0)
+    model = tiny_gpt2()  # vocab 64, which 48 pads to 96
+    Trainer(model, args).train()
+    assert model.get_input_embeddings().weight.shape[0] == 96
+    config = AutoConfig.from_pretrained(tmp_path / "run" / "main")
+    assert config.vocab_size == 96
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "main").get_input_embeddings().weight.shape[0] == 96
