@@ -316,6 +316,8 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
                                  functools.partial(timl, fp8="tensorwise")),
     "timl-defaults-fp8": ("timl's defaults, --fp8 tensorwise (the head in FP8 too)",
                           functools.partial(timl_variant, fp8="tensorwise")),
+    "timl-defaults-fp8-body": ("timl's defaults, --fp8 tensorwise_body (the head in bf16, chunked)",
+                               functools.partial(timl_variant, fp8="tensorwise_body")),
     "timl-cce": ("timl compiled + Cut Cross-Entropy, padded",
                  functools.partial(timl, loss_implementation="cut_cross_entropy")),
     "timl-liger": ("timl compiled + Liger fused loss, padded", functools.partial(timl, loss_implementation="liger")),

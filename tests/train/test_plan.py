@@ -73,6 +73,12 @@ def test_on_a_gpu_the_plan_compiles_each_block_pads_the_vocab_and_trains_in_bf16
         assert part in text
 
 
+def test_a_loss_on_the_models_own_logits_is_compiled_with_the_whole_model():
+    args = TrainingArguments(output_dir="unused", report_to="none")
+    plan = make_plan(args.compute, GPU, tiny_gpt2(), loss_path="logits")
+    assert plan.compile == "model" and "own logits" in plan.describe()
+
+
 def test_on_the_cpu_the_plan_compiles_nothing_and_pads_nothing():
     plan = plan_for(CPU)
     assert (plan.compile, plan.pad_vocab_to, plan.bf16) == ("off", None, False)

@@ -147,14 +147,15 @@ class Trainer:
         """Makes the performance plan (timl/train/plan.py) and applies it to the model: vocab padding, FP8,
         activation checkpointing, Liger's modules; takes the loss that timl.loss.select chooses; prints the plan."""
         compute, loss, device = self.args.compute, self.args.loss, self.accelerator.device
-        plan = make_plan(compute, device, model)
-        if plan.pad_vocab_to:
-            pad_vocab(model, plan.pad_vocab_to)
+        # The loss first: the plan compiles around it. (Its head is the same padded or not.)
         self.training_loss = choose_training_loss(
             model, loss.loss_implementation, device, compute.forward_kwargs,
             compute_loss_func=compute_loss_func, train_metrics=bool(train_metrics),
-            fp8_output_head=plan.fp8_head, z_loss_coefficient=loss.z_loss_coefficient,
+            fp8_output_head=compute.fp8_head, z_loss_coefficient=loss.z_loss_coefficient,
             cut_cross_entropy_kwargs=loss.cut_cross_entropy_kwargs)
+        plan = make_plan(compute, device, model, self.training_loss.path)
+        if plan.pad_vocab_to:
+            pad_vocab(model, plan.pad_vocab_to)
         applied = []
         if self.training_loss.path == "liger":
             applied += apply_liger(model, loss.liger_kernel_kwargs)
