@@ -51,7 +51,7 @@ def test_fp8_trains_the_tied_head_in_fp8_and_saves_a_loadable_model(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
                              block_size=16, train_batch_size=16, per_device_train_batch_size=16, max_train_steps=20,
                              log_every_steps=1, save_every_steps=0, report_to="none", optim="adamw_torch",
-                             learning_rate=1e-2, fp8="tensorwise")
+                             learning_rate=1e-2, fp8="tensorwise_head")
     torch.manual_seed(0)
     model = build_model(build_config("gpt2", TINY_GPT2))
     trainer = Trainer(model, args)
@@ -79,9 +79,9 @@ def test_bad_compile_memory_and_fp8_arguments_are_named():
 
 def test_an_fp8_head_needs_the_models_own_logits():
     with pytest.raises(ValueError, match="the chunked loss path multiplies the head's weight itself"):
-        TrainingArguments(output_dir="unused", fp8="tensorwise", loss_implementation="chunked")
-    TrainingArguments(output_dir="unused", fp8="tensorwise", loss_implementation="logits")
-    TrainingArguments(output_dir="unused", fp8="tensorwise_body", loss_implementation="chunked")
+        TrainingArguments(output_dir="unused", fp8="tensorwise_head", loss_implementation="chunked")
+    TrainingArguments(output_dir="unused", fp8="tensorwise_head", loss_implementation="logits")
+    TrainingArguments(output_dir="unused", fp8="tensorwise", loss_implementation="chunked")
 
 
 def saved_bytes_of_a_compiled_step(activation_memory: str = "none") -> tuple[int, float]:

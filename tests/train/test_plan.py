@@ -105,7 +105,7 @@ def test_an_override_that_is_slower_on_a_gpu_says_so_once(values, warning, caplo
 
 
 def test_overrides_are_taken_as_given():
-    plan = plan_for(GPU, torch_compile="true", pad_vocab_size_to="128", activation_memory="0.5", fp8="rowwise_body")
+    plan = plan_for(GPU, torch_compile="true", pad_vocab_size_to="128", activation_memory="0.5", fp8="rowwise")
     assert (plan.compile, plan.pad_vocab_to, plan.activation_memory_budget) == ("model", 128, 0.5)
     assert (plan.fp8, plan.fp8_head) == ("rowwise", False)
     assert plan_for(CPU, torch_compile="blocks").compile == "blocks"
@@ -119,7 +119,7 @@ def test_a_compiler_memory_setting_without_compilation_is_refused_on_the_cpu():
 @pytest.mark.parametrize("flag,replacement", [
     ("regional_compilation", "--torch_compile blocks"), ("activation_checkpointing", "--activation_memory full"),
     ("compile_recompute_pointwise", "--activation_memory selective"), ("use_liger_kernel", "--loss_implementation liger"),
-    ("fp8_output_head", "--fp8 tensorwise"), ("torch_compile_mode", "the default mode is the fastest measured"),
+    ("fp8_output_head", "--fp8 tensorwise_head"), ("torch_compile_mode", "the default mode is the fastest measured"),
 ])
 def test_a_removed_flag_gets_one_line_naming_its_replacement(flag, replacement, tmp_path):
     result = subprocess.run([sys.executable, "-m", "timl", "train", f"--{flag}", "true", "--report_to", "none"],

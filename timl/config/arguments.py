@@ -32,7 +32,7 @@ TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow
 ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "flex_attention", "eager")
 COMPILE_CHOICES = ("auto", "blocks", "model", "true", "false")
 ACTIVATION_MEMORY_CHOICES = ("none", "selective", "full")
-FP8_RECIPES = ("tensorwise", "rowwise", "tensorwise_body", "rowwise_body")
+FP8_RECIPES = ("tensorwise", "rowwise", "tensorwise_head", "rowwise_head")
 # Flags that were folded into others: each is refused with its replacement, on the command line, in an arguments
 # file and in TrainingArguments(...).
 REMOVED_FLAGS = {
@@ -42,7 +42,7 @@ REMOVED_FLAGS = {
     "compile_recompute_pointwise": "--activation_memory selective",
     "activation_memory_budget": "--activation_memory BUDGET (a number between 0 and 1)",
     "activation_checkpointing": "--activation_memory full",
-    "fp8_output_head": "--fp8 tensorwise or rowwise, which put the head in FP8 (tensorwise_body keeps it in bf16)",
+    "fp8_output_head": "--fp8 tensorwise_head or rowwise_head",
     "use_liger_kernel": "--loss_implementation liger",
     "use_cut_cross_entropy": "--loss_implementation cut_cross_entropy",
 }
@@ -273,9 +273,10 @@ class ComputeArguments:
                                           "FSDP); or a budget between 0 and 1 (with compilation: the share of its "
                                           "saved activations the compiler may keep).")
     fp8: str | None = _arg(None, "FP8 training through torchao (a GPU of compute capability 8.9 or more, e.g. "
-                                 "H100): tensorwise or rowwise scaling of the decoder's linear layers and the "
-                                 "output head (whose logits then come from the model's own forward), or "
-                                 "tensorwise_body / rowwise_body to keep the head in bf16.",
+                                 "H100): tensorwise or rowwise scaling of the decoder's linear layers, the head in "
+                                 "bf16 through the chunked loss (Llama-1B on one H100: 1.11x torchtitan's FP8), or "
+                                 "tensorwise_head / rowwise_head to put the output head in FP8 too (its logits then "
+                                 "come from the model's own forward, compiled whole: slower to start, no faster).",
                            choices=[None, *FP8_RECIPES])
     pad_vocab_size_to: str = _arg("auto", "Pad the vocab to a multiple of this: auto (64 on a GPU, where it is "
                                           "faster; none on the CPU), none, or a number. Padded rows never get "
@@ -313,7 +314,7 @@ class ComputeArguments:
     @property
     def fp8_head(self) -> bool:
         """Whether the FP8 recipe puts the output head in FP8 too."""
-        return self.fp8 is not None and not self.fp8.endswith("_body")
+        return self.fp8 is not None and self.fp8.endswith("_head")
 
 
 @dataclass
@@ -437,7 +438,7 @@ class TrainingArguments:
         if self.compute.fp8_head and self.loss.loss_implementation not in ("auto", "logits"):
             problems.append(f"--fp8 {self.compute.fp8} trains the head in FP8 on the model's own logits: the "
                             f"{self.loss.loss_implementation} loss path multiplies the head's weight itself, so its "
-                            f"head would stay in bf16 (--fp8 {self.compute.fp8}_body keeps it there on purpose)")
+                            f"head would stay in bf16 (--fp8 {self.compute.fp8.removesuffix('_head')} keeps it there on purpose)")
         return problems
 
     def __getattr__(self, name: str) -> Any:

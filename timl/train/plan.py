@@ -89,7 +89,7 @@ def make_plan(compute: ComputeArguments, device: torch.device, model: torch.nn.M
                           "about a third more compute)"}.get(
         memory, f"activation memory: the compiler keeps at most {memory} of its saved activations"))
 
-    fp8 = compute.fp8.removesuffix("_body") if compute.fp8 else None
+    fp8 = compute.fp8.removesuffix("_head") if compute.fp8 else None
     if fp8:  # (timl.model.kernels.apply_fp8 refuses hardware without FP8 tensor cores)
         lines.append(f"fp8: {fp8} scaling of the decoder's linear layers"
                      + (" and the output head" if compute.fp8_head else ", the head in bf16"))
