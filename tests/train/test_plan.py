@@ -165,3 +165,59 @@ def test_the_padding_the_plan_chooses_reaches_the_model_and_its_saved_config(tmp
     config = AutoConfig.from_pretrained(tmp_path / "run" / "main")
     assert config.vocab_size == 96
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "main").get_input_embeddings().weight.shape[0] == 96
+
+
+def test_auto_micro_batch_is_the_largest_divisor_of_the_share_that_fits():
+    from timl.train.plan import MEMORY_HEADROOM, choose_micro_batch
+
+    gib = 2**30
+    # A fake of the GPU's measurement (none here): 1 GiB a sequence on top of 2 GiB of weights and gradients.
+    measured = []
+
+    def measure(size: int) -> int:
+        measured.append(size)
+        return 2 * gib + size * gib
+
+    # 10 GiB of optimizer state (8 bytes for each of 1.25 G parameters), 40 GiB usable: 28 sequences would fit.
+    total = int(40 * gib / MEMORY_HEADROOM)
+    size, line = choose_micro_batch(64, GPU, measure, parameter_count=10 * gib // 8, total_memory=total)
+    assert (size, measured) == (16, [1, 2])  # 16 divides 64; 32 would not fit
+    assert "micro-batch: 16 of this process's 64" in line
+    with pytest.raises(ValueError, match="not even one sequence fits"):
+        choose_micro_batch(64, GPU, measure, parameter_count=10 * gib // 8, total_memory=8 * gib)
+    assert choose_micro_batch(12, CPU, measure, parameter_count=1, total_memory=None)[0] == 12
+
+
+def test_auto_micro_batch_on_the_command_line_and_in_a_file_trains_with_the_whole_share_on_the_cpu(tmp_path):
+    write_learnable_shards(tmp_path, 2048, "train")
+    values = dict(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"), block_size=16,
+                  train_batch_size=8, max_train_steps=2, report_to="none", optim="adamw_torch", save_every_steps=0)
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump({**values, "per_device_train_batch_size": "auto"}))
+    (from_file,) = parse_args(TrainingArguments, argv=[str(path)])
+    argv = [word for name, value in values.items() for word in (f"--{name}", str(value))]
+    (from_command_line,) = parse_args(TrainingArguments, argv=[*argv, "--per_device_train_batch_size", "auto"])
+    assert from_file == from_command_line and from_file.per_device_train_batch_size == 0
+    trainer = Trainer(tiny_gpt2(), from_file)
+    assert trainer.args.per_device_train_batch_size == 8 and trainer.args.gradient_accumulation_steps == 1
+    trainer.train()
+    import json
+
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["args"]["per_device_train_batch_size"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_micro_batch_measures_the_gpu_and_leaves_the_weights_as_they_were(tmp_path):
+    write_learnable_shards(tmp_path, 2048, "train")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=8, per_device_train_batch_size="auto", max_train_steps=1,
+                             report_to="none", save_every_steps=0, torch_compile="false")
+    model = tiny_gpt2()  # its vocab, 64, is already padded
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = Trainer(model, args)
+    assert trainer.args.per_device_train_batch_size == 8  # a tiny model: the whole share fits
+    assert all(torch.equal(value.cpu(), before[name]) for name, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert trainer.peak_bytes_of_a_step(8) > trainer.peak_bytes_of_a_step(1)
+    trainer.train()

@@ -30,6 +30,8 @@ METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 # Accelerate's trackers (LoggerType; checked against it by the same test).
 TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "flex_attention", "eager")
+AUTO_MICRO_BATCH = 0
+"""--per_device_train_batch_size auto, as its field holds it: the Trainer measures the largest that fits."""
 COMPILE_CHOICES = ("auto", "blocks", "model", "true", "false")
 ACTIVATION_MEMORY_CHOICES = ("none", "selective", "full")
 FP8_RECIPES = ("tensorwise", "rowwise", "tensorwise_head", "rowwise_head")
@@ -117,7 +119,10 @@ class DataArguments:
                                                "Without it, no evaluation runs.")
     block_size: int = _arg(1024, "Tokens per sequence.")
     train_batch_size: int = _arg(512, "Global batch, in sequences, per optimizer step, over all processes.")
-    per_device_train_batch_size: int = _arg(32, "Sequences per process per forward pass; the rest is accumulated.")
+    per_device_train_batch_size: int = _arg(32, "Sequences per process per forward pass; the rest is accumulated. "
+                                                "auto (or 0): the largest that fits in the GPU's memory, measured at "
+                                                "start-up in two eager steps; on the CPU, the whole per-process "
+                                                "share. The global batch stays --train_batch_size.")
     per_device_eval_batch_size: int = _arg(64, "Sequences per process per evaluation forward pass.")
     max_eval_tokens: int | None = _arg(None, "Evaluate on the first this many tokens. Default: the whole eval set.")
     tokenizer_name: str | None = _arg(None, "The tokenizer saved with every checkpoint and main/ (a folder or Hub id). "
@@ -126,8 +131,15 @@ class DataArguments:
                                 "sequences, seeded by --seed, the same on every run and world size.")
 
     def problems(self) -> list[str]:
-        problems = _positive(self, "block_size", "train_batch_size", "per_device_train_batch_size",
-                             "per_device_eval_batch_size") + _positive(self, "max_eval_tokens", optional=True)
+        if self.per_device_train_batch_size == "auto":
+            self.per_device_train_batch_size = AUTO_MICRO_BATCH
+        problems = _positive(self, "block_size", "train_batch_size", "per_device_eval_batch_size")
+        problems += _positive(self, "max_eval_tokens", optional=True)
+        if self.per_device_train_batch_size != AUTO_MICRO_BATCH:
+            problems += _positive(self, "per_device_train_batch_size")
+        elif self.train_batch_size % self.world_size:
+            problems.append(f"--train_batch_size {self.train_batch_size} does not split over {self.world_size} "
+                            f"processes")
         per_step = self.per_device_train_batch_size * self.world_size
         if self.train_batch_size >= 1 and per_step >= 1 and self.train_batch_size % per_step:
             problems.append(f"--train_batch_size {self.train_batch_size} is not a multiple of "

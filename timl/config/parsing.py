@@ -19,7 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 from transformers import HfArgumentParser
 
-from timl.config.arguments import REMOVED_FLAGS, TrainingArguments
+from timl.config.arguments import AUTO_MICRO_BATCH, REMOVED_FLAGS, TrainingArguments
 
 # timl/data/sources.py also reads these as a list of {name, pattern, weight} mappings, which only a file can hold.
 SOURCE_LIST_FIELDS = ("train_file_pattern", "eval_file_pattern")
@@ -50,6 +50,7 @@ def parse_args(*dataclass_types: type, argv: list[str] | None = None,
     parser.set_defaults(**defaults)
     argv = sys.argv[1:] if argv is None else argv
     refuse_removed_flags(argv)
+    argv = _auto_as_zero(argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         parsed = list(parser.parse_dict({**defaults, **file_arguments(argv[0], parser)}))
     else:
@@ -71,6 +72,18 @@ def refuse_removed_flags(argv: list[str]) -> None:
     if removed:
         print("\n".join(f"timl: {line}" for line in removed), file=sys.stderr)
         raise SystemExit(2)
+
+
+def _auto_as_zero(argv: list[str]) -> list[str]:
+    """--per_device_train_batch_size auto, as the integer field holds it (AUTO_MICRO_BATCH)."""
+    flags = ("--per_device_train_batch_size", "--per-device-train-batch-size")
+    words = list(argv)
+    for index, word in enumerate(words):
+        if word in flags and index + 1 < len(words) and words[index + 1] == "auto":
+            words[index + 1] = str(AUTO_MICRO_BATCH)
+        elif word.split("=", 1)[0] in flags and word.endswith("=auto"):
+            words[index] = f"{word.split('=', 1)[0]}={AUTO_MICRO_BATCH}"
+    return words
 
 
 def _groups(dataclass_type: type) -> list[type]:
@@ -119,6 +132,8 @@ def _file_value(name: str, value: Any, hint: Any, action: Any) -> Any:
     options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
+    if name == "per_device_train_batch_size" and value == "auto":
+        return AUTO_MICRO_BATCH
     if isinstance(value, dict) and any((get_origin(option) or option) is dict for option in options):
         return value
     if isinstance(value, list) and name in SOURCE_LIST_FIELDS:

@@ -9,6 +9,7 @@ is slower or unsafe is said once, with the measurement behind it. The loss path 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 import torch
 
@@ -165,3 +166,36 @@ def compile_training(training: torch.nn.Module, model: torch.nn.Module, plan: Pe
         block.compile()
     logger.info("Compiled %d %s blocks one by one.", len(blocks), "/".join(sorted(names)))
     return training
+
+
+MEMORY_HEADROOM = 0.9
+"""The share of the GPU's memory a chosen micro-batch may fill by the estimate: the rest absorbs fragmentation and
+what the estimate misses."""
+
+
+def choose_micro_batch(share: int, device: torch.device, measure: Callable[[int], int], parameter_count: int, *,
+                       total_memory: int | None, optimizer_bytes_per_parameter: int = 8) -> tuple[int, str]:
+    """--per_device_train_batch_size auto: the largest micro-batch that divides this process's `share` of the global
+    batch (so that accumulation stays whole) and fits in the GPU's memory, with the reason. `measure(b)` returns the
+    peak bytes of one forward and backward of b sequences; two of them (b = 1 and 2) give the memory a sequence
+    takes and what every step holds besides, to which the optimizer's state (AdamW: two fp32 values a parameter) is
+    added; `total_memory` is the GPU's. On the CPU, whose memory is not measured, the whole share."""
+    divisors = [size for size in range(share, 0, -1) if share % size == 0]
+    if device.type != "cuda":
+        return share, f"micro-batch: {share}, the whole per-process share (auto; the CPU's memory is not measured)"
+    one, two = measure(1), measure(min(2, share))
+    per_sequence = max(two - one, 1) if share > 1 else one
+    fixed = one - per_sequence + parameter_count * optimizer_bytes_per_parameter
+    budget = MEMORY_HEADROOM * total_memory
+    fitting = [size for size in divisors if fixed + size * per_sequence <= budget]
+    if not fitting:
+        raise ValueError(f"--per_device_train_batch_size auto: not even one sequence fits ({_gib(fixed + per_sequence)}"
+                         f" needed, {_gib(budget)} usable): try --activation_memory full or a shorter --block_size")
+    size = fitting[0]
+    return size, (f"micro-batch: {size} of this process's {share} sequences a step (auto: {_gib(per_sequence)} a "
+                  f"sequence, {_gib(fixed)} for weights, gradients and optimizer state, {_gib(budget)} usable; "
+                  f"measured in two eager steps, which hold more than compiled ones)")
+
+
+def _gib(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB"

@@ -6,6 +6,7 @@ token-weighted means under gradient accumulation and DDP, evaluation, metrics, t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -20,7 +21,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from timl.checkpoint import manager as checkpoint
 from timl.checkpoint.run_folder import RunLock, another_run_problems, clear_previous_run
 from timl.collectives import from_rank_0
-from timl.config.arguments import DataArguments, HubArguments, TrainingArguments
+from timl.config.arguments import AUTO_MICRO_BATCH, DataArguments, HubArguments, TrainingArguments
 from timl.data.loader import BatchLoader
 from timl.data.saved_tokenizer import find_tokenizer
 from timl.data.sources import eval_loader_factories, is_mixture, source_problems, train_loader
@@ -41,7 +42,7 @@ from timl.report.window import LogWindow
 from timl.train import schedule
 from timl.train.callbacks import (CallbackHandler, EarlyStopping, ProgressBar, TrainerCallback, TrainerControl,
                                   TrainerState)
-from timl.train.plan import PerformancePlan, compile_training, make_plan
+from timl.train.plan import PerformancePlan, choose_micro_batch, compile_training, make_plan
 from timl.train.preemption import PreemptionGuard
 from timl.train.step import StepResult, StepSignals, training_step
 
@@ -109,6 +110,10 @@ class Trainer:
         seed = loop.seed + self.accelerator.process_index
         enable_full_determinism(seed) if loop.full_determinism else set_seed(seed)
         self.vocab_size = vocab_size = real_vocab_size(model)
+        self.model = model
+        micro_batch = self.resolve_micro_batch()
+        logger.info(self.plan.describe(*self.plan_notes, *micro_batch))
+        args, loop = self.args, self.args.loop
         self.train_loader_factory = train_loader_factory or functools.partial(train_loader, vocab_size=vocab_size,
                                                                               seed=loop.seed)
         # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/data/sources.py).
@@ -117,7 +122,6 @@ class Trainer:
         self.tokenizer = find_tokenizer(args.data.train_file_pattern, args.data.tokenizer_name)
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
-        self.model = model
         # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
         self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
         self.flops_per_token = flops_per_token(model, args.data.block_size)
@@ -164,11 +168,47 @@ class Trainer:
         if plan.activation_memory == "full":
             enable_activation_checkpointing(model)
         self.train_metrics_on = self.training_loss.path == "logits"
-        logger.info(plan.describe(self.training_loss.describe(),
-                                  f"optimizer: {self.args.optimizer.optim}"
-                                  + (", fused" if fused_adamw(self.args.optimizer.optim, device) else ""),
-                                  *applied))
+        # Printed with the plan once the micro-batch is known (resolve_micro_batch).
+        self.plan_notes = [self.training_loss.describe(),
+                           f"optimizer: {self.args.optimizer.optim}"
+                           + (", fused" if fused_adamw(self.args.optimizer.optim, device) else ""), *applied]
         return plan
+
+    def resolve_micro_batch(self) -> list[str]:
+        """--per_device_train_batch_size auto: the largest micro-batch that fits (timl.train.plan.choose_micro_batch),
+        measured on the main process and taken by every one; the arguments then hold it. Returns the plan's line."""
+        data, device = self.args.data, self.accelerator.device
+        if data.per_device_train_batch_size != AUTO_MICRO_BATCH:
+            return []
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError("--per_device_train_batch_size auto measures the whole model on one GPU, which FSDP "
+                             "shards: give a number under FSDP.")
+        share = data.train_batch_size // self.accelerator.num_processes
+        count = sum(parameter.numel() for parameter in self.model.parameters() if parameter.requires_grad)
+        size, line = from_rank_0(lambda: choose_micro_batch(
+            share, device, self.peak_bytes_of_a_step, count,
+            total_memory=torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None))
+        self.args = dataclasses.replace(self.args, per_device_train_batch_size=size)
+        return [line]
+
+    def peak_bytes_of_a_step(self, size: int) -> int:
+        """The peak GPU memory of one eager forward and backward of `size` random sequences, which leaves the
+        weights, their gradients and the random number generators as they were."""
+        device, block_size = self.accelerator.device, self.args.data.block_size
+        module = CausalLMForTraining(self.model.to(device), self.training_loss, self.args.compute.forward_kwargs,
+                                     return_outputs=False)
+        with torch.random.fork_rng(devices=[device]):
+            tokens = torch.randint(0, self.vocab_size, (size, block_size + 1), device=device)
+            inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+            torch.cuda.reset_peak_memory_stats(device)
+            with self.accelerator.autocast():
+                loss = module(inputs, torch.tensor(float(size * block_size), device=device))[0]
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated(device)
+        self.model.zero_grad(set_to_none=True)
+        del loss, module
+        torch.cuda.empty_cache()
+        return peak
 
     def train(self) -> dict[str, float]:
         """Trains to the end, or until a stop signal or a callback stops it; returns the latest logged values."""
