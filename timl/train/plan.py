@@ -128,12 +128,13 @@ def _compile_mode(asked: str, gpu: bool, model: torch.nn.Module, loss_path: str,
                          f"class to compile on its own)")
             return "model"
         lines.append("compile: each transformer block on its own (one graph that every block reuses), and the "
-                     "chunked head's maths: a first step several times shorter than the whole model's")
+                     "chunked head's maths (Llama-1B on one H100: 1.15x the whole model compiled, its first step "
+                     "9 s against 39)")
         return "blocks"
     lines.append("compile: the whole model and loss in one graph (--torch_compile)")
     if gpu:
-        slower.append("--torch_compile model: Llama-1B's first step took 64 s against 15 s compiled per block, at "
-                      "the same speed (one H100)")
+        slower.append("--torch_compile model: Llama-1B ran at 0.87x the speed of each block compiled on its own, "
+                      "its first step 39 s against 9 (one H100)")
     return "model"
 
 
