@@ -463,9 +463,9 @@ def test_the_wsd_recipe_parses_and_runs(data):
     settings.update(train_file_pattern=str(data / "train_*.bin"), eval_file_pattern=str(data / "validation_*.bin"),
                     output_dir=str(data / "run"), max_train_tokens=None, max_train_steps=10, block_size=16,
                     train_batch_size=8, per_device_train_batch_size=8, per_device_eval_batch_size=4,
-                    max_eval_tokens=None, torch_compile=False, config_overrides=TINY_GPT2, report_to="none",
+                    max_eval_tokens=None, torch_compile="false", config_overrides=TINY_GPT2, report_to="none",
                     warmup_steps=2, lr_scheduler_kwargs={"num_decay_steps": 4, "min_lr_ratio": 0.0},
-                    log_every_steps=1, eval_every_steps=5, save_every_steps=0, pad_vocab_size_to=None)
+                    log_every_steps=1, eval_every_steps=5, save_every_steps=0, pad_vocab_size_to="none")
     path = data / "wsd.yaml"
     path.write_text(yaml.safe_dump(settings))
     model_args, args = parse_args(ModelArguments, TrainingArguments, argv=[str(path)])
