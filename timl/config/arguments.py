@@ -129,6 +129,12 @@ class DataArguments:
                                             "Default: the one `timl tokenize` wrote beside the training shards.")
     shuffle: bool = _arg(False, "Read each epoch of the training data in a different order: a permutation of "
                                 "sequences, seeded by --seed, the same on every run and world size.")
+    document_masking: bool = _arg(False, "Keep attention and positions inside each document of a packed "
+                                         "sequence: the end-of-text token that `timl tokenize` puts before every "
+                                         "document opens it, and the position ids restart there (transformers' "
+                                         "packed-sequence masks; absolute positions restart too). The loss is then "
+                                         "each document's own. The token is the tokenizer's EOS (the one beside the "
+                                         "shards, or --tokenizer_name); a model that cannot is refused at start-up.")
 
     def problems(self) -> list[str]:
         if self.per_device_train_batch_size == "auto":

@@ -94,11 +94,13 @@ class CausalLMForTraining(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, loss: TrainingLoss, forward_kwargs: dict[str, Any],
-                 return_outputs: bool):
+                 return_outputs: bool, document_separator: int | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
         self.forward_kwargs = without_cache(model, forward_kwargs)
+        # --document_masking: the token that opens each document, from which the position ids restart.
+        self.document_separator = document_separator
         self.return_outputs = return_outputs
         self.vocab_size = real_vocab_size(model)
         # FSDP (through Accelerate) wraps one unit per block class named here when its config names none.
@@ -113,19 +115,30 @@ class CausalLMForTraining(torch.nn.Module):
             return self.score(inputs, metrics)
         if self.loss.head is not None:
             weight, bias = output_layer(self.model)
-            hidden = hidden_states(self.model, inputs["input_ids"], self.forward_kwargs)
+            hidden = hidden_states(self.model, inputs["input_ids"], self.batch_kwargs(inputs))
             loss, z_loss = self.loss.from_hidden_states(hidden, weight, bias, inputs["labels"], self.vocab_size,
                                                         num_items_in_batch)
             return loss, z_loss.detach(), None
-        outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+        outputs = model_outputs(self.model, inputs["input_ids"], self.batch_kwargs(inputs), self.vocab_size)
         loss, z_loss = self.loss.from_logits(outputs, inputs, num_items_in_batch)
         return loss, z_loss.detach(), outputs if self.return_outputs else None
+
+    def batch_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The forward's keyword arguments for this batch: with document masking, position ids that restart at
+        each document (the batch's own, when its loader gives them), from which transformers' mask builders keep
+        attention inside each document."""
+        if "position_ids" in inputs:
+            return {**self.forward_kwargs, "position_ids": inputs["position_ids"]}
+        if self.document_separator is None:
+            return self.forward_kwargs
+        return {**self.forward_kwargs,
+                "position_ids": document_positions(inputs["input_ids"], self.document_separator)}
 
     def score(self, inputs: dict[str, torch.Tensor], metrics: list[Any]) -> None:
         """Updates the eval metrics on a batch. On a head path, the cross-entropy comes from the chunked head and
         metrics that need logits see them a chunk of tokens at a time, so full logits never exist."""
         if self.loss.head is None:
-            outputs = model_outputs(self.model, inputs["input_ids"], self.forward_kwargs, self.vocab_size)
+            outputs = model_outputs(self.model, inputs["input_ids"], self.batch_kwargs(inputs), self.vocab_size)
             for metric in metrics:
                 metric.update(outputs, inputs)
             return None
@@ -138,10 +151,55 @@ class CausalLMForTraining(torch.nn.Module):
                 metric.update(SimpleNamespace(logits=logits), {"labels": chunk_labels})
 
         token_losses = chunked_token_losses(
-            hidden_states(self.model, inputs["input_ids"], self.forward_kwargs), weight, labels, bias=bias,
+            hidden_states(self.model, inputs["input_ids"], self.batch_kwargs(inputs)), weight, labels, bias=bias,
             scale=self.loss.head.scale, softcap=self.loss.head.softcap, vocab_size=self.vocab_size,
             logits_consumer=update if by_logits else None)
         for metric in metrics:
             if isinstance(metric, CrossEntropy):
                 metric.add(token_losses, labels)
         return None
+
+
+def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
+    """Each token's position within its document in packed sequences [batch, length]: 0 at every `separator`,
+    which opens a document (`timl tokenize` puts the end-of-text token before each one, as GPT-2's data did), and 0
+    at the start of a row, which continues a document cut at the row before. Pointwise and a cumulative maximum: it
+    compiles, and never leaves the device."""
+    index = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    starts = torch.where(input_ids == separator, index, torch.zeros_like(index))
+    return index - starts.cummax(dim=-1).values
+
+
+@torch.no_grad()
+def check_document_masking(model: torch.nn.Module, separator: int, forward_kwargs: dict[str, Any],
+                           tolerance: float = 1e-4) -> None:
+    """Refuses --document_masking for a model whose attention does not stay inside each document given position
+    ids that restart there: runs two packed documents and each alone, in fp32 and eval mode, and compares their
+    logits."""
+    vocab = real_vocab_size(model) or 2
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    # Bodies without the separator, which would open a document of its own in the packed run alone.
+    bodies = [torch.randint(0, vocab - 1, (length,), generator=generator) for length in (5, 8)]
+    documents = [torch.cat([torch.tensor([separator]), body + (body >= separator).long()]) for body in bodies]
+    packed = torch.cat(documents)[None].to(device)
+    kwargs = without_cache(model, forward_kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            together = model_outputs(model, packed, {**kwargs, "position_ids": document_positions(packed, separator)},
+                                     vocab).logits[0].float()
+            alone = torch.cat([model_outputs(model, document[None].to(device), kwargs, vocab).logits[0].float()
+                               for document in documents])
+    finally:
+        model.train(was_training)
+    error = ((together - alone).norm() / alone.norm().clamp(min=1e-30)).item()
+    if not error <= tolerance:
+        config = getattr(model, "config", None)
+        raise ValueError(
+            f"--document_masking: {getattr(config, 'model_type', type(model).__name__)} with attention "
+            f"{getattr(config, '_attn_implementation', 'its own')} does not keep attention inside each document: "
+            f"two packed documents are {error:.1e} off each run alone. transformers keeps packed documents apart "
+            f"from position ids with sdpa, eager, flex_attention and flash_attention_2 in the models whose masks "
+            f"it builds: try --attn_implementation sdpa, or train without --document_masking.")

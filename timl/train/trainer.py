@@ -30,7 +30,7 @@ from timl.loss.cross_entropy import LossFunction
 from timl.loss.select import choose_training_loss
 from timl.model.build import (check_config_saves, check_tied_weights, enable_activation_checkpointing, pad_vocab,
                               real_vocab_size)
-from timl.model.forward import CausalLMForTraining
+from timl.model.forward import CausalLMForTraining, check_document_masking
 from timl.model.kernels import apply_fp8, apply_liger
 from timl.optim import OptimizerSet, build_optimizer_set, fused_adamw
 from timl.report import summary
@@ -102,6 +102,9 @@ class Trainer:
         # The model's weights were made from --seed before (timl.train.pretrain.make_model); what the kernels add to them
         # (padded vocab rows) is drawn from it too, the same on every rank.
         loop = args.loop
+        # Saved into every checkpoint and main/, so that the model loads with its tokenizer (the main process saves).
+        self.tokenizer = find_tokenizer(args.data.train_file_pattern, args.data.tokenizer_name)
+        self.document_separator = self.document_separator_id(model)
         enable_full_determinism(loop.seed) if loop.full_determinism else set_seed(loop.seed)
         self.plan = self.apply_kernels(model, compute_loss_func, train_metrics)
         # What every checkpoint will write, written once now: a config that cannot be saved stops the run here.
@@ -118,8 +121,6 @@ class Trainer:
                                                                               seed=loop.seed)
         # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/data/sources.py).
         self.eval_loader_factories = eval_loader_factories(args.data, eval_loader_factory, vocab_size)
-        # Saved into every checkpoint and main/, so that the model loads with its tokenizer (the main process saves).
-        self.tokenizer = find_tokenizer(args.data.train_file_pattern, args.data.tokenizer_name)
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
         # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
@@ -169,10 +170,24 @@ class Trainer:
             enable_activation_checkpointing(model)
         self.train_metrics_on = self.training_loss.path == "logits"
         # Printed with the plan once the micro-batch is known (resolve_micro_batch).
-        self.plan_notes = [self.training_loss.describe(),
+        masking = ([f"document masking: attention and positions restart at each token {self.document_separator} "
+                    f"(the tokenizer's EOS)"] if self.document_separator is not None else [])
+        self.plan_notes = [self.training_loss.describe(), *masking,
                            f"optimizer: {self.args.optimizer.optim}"
                            + (", fused" if fused_adamw(self.args.optimizer.optim, device) else ""), *applied]
         return plan
+
+    def document_separator_id(self, model: torch.nn.Module) -> int | None:
+        """With --document_masking, the token that opens each document (the tokenizer's EOS), once the model is
+        checked to keep packed documents apart; else None."""
+        if not self.args.data.document_masking:
+            return None
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("--document_masking needs the end-of-text token: no tokenizer with an EOS token was "
+                             "found beside the training shards; name one with --tokenizer_name.")
+        check_document_masking(model, eos, self.args.compute.forward_kwargs)
+        return eos
 
     def resolve_micro_batch(self) -> list[str]:
         """--per_device_train_batch_size auto: the largest micro-batch that fits (timl.train.plan.choose_micro_batch),
@@ -196,7 +211,7 @@ class Trainer:
         weights, their gradients and the random number generators as they were."""
         device, block_size = self.accelerator.device, self.args.data.block_size
         module = CausalLMForTraining(self.model.to(device), self.training_loss, self.args.compute.forward_kwargs,
-                                     return_outputs=False)
+                                     return_outputs=False, document_separator=self.document_separator)
         with torch.random.fork_rng(devices=[device]):
             tokens = torch.randint(0, self.vocab_size, (size, block_size + 1), device=device)
             inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
@@ -431,7 +446,8 @@ class Trainer:
         self.optim: OptimizerSet = build_optimizer_set(self.model, self.args.optimizer, total_steps, self.given_optimizers,
                                                        device=self.accelerator.device)
         training = CausalLMForTraining(self.model, self.training_loss, self.args.compute.forward_kwargs,
-                                       return_outputs=bool(self.train_metrics))
+                                       return_outputs=bool(self.train_metrics),
+                                       document_separator=self.document_separator)
         # The scheduler stays out of accelerator.prepare, which would step it once per process on every step.
         self.training_model, *self.optim.optimizers = self.accelerator.prepare(training, *self.optim.optimizers)
         if hasattr(self.training_model, "_get_fsdp_state"):  # fully_shard-ed: say which policy it really runs
