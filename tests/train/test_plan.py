@@ -29,7 +29,8 @@ FROZEN_FLAGS = {
     'model_name': 'gpt2', 'config_overrides': None, 'from_pretrained': None, 'attn_implementation': None,
     'trust_remote_code': False, 'train_file_pattern': None, 'eval_file_pattern': None, 'block_size': 1024,
     'train_batch_size': 512, 'per_device_train_batch_size': 32, 'per_device_eval_batch_size': 64,
-    'max_eval_tokens': None, 'tokenizer_name': None, 'shuffle': False, 'max_train_tokens': None,
+    'max_eval_tokens': None, 'tokenizer_name': None, 'shuffle': False, 'document_masking': False,
+    'max_train_tokens': None,
     'max_train_steps': None, 'num_train_epochs': 1.0, 'log_every_steps': 10, 'eval_every_steps': 100,
     'max_eval_steps': None, 'early_stopping_patience': None, 'skip_nonfinite_steps': 0, 'seed': 0,
     'full_determinism': False, 'debug': False, 'optim': 'adamw_torch_fused', 'learning_rate': 0.0006,
@@ -118,7 +119,8 @@ def test_a_compiler_memory_setting_without_compilation_is_refused_on_the_cpu():
 
 @pytest.mark.parametrize("flag,replacement", [
     ("regional_compilation", "--torch_compile blocks"), ("activation_checkpointing", "--activation_memory full"),
-    ("compile_recompute_pointwise", "--activation_memory selective"), ("use_liger_kernel", "--loss_implementation liger"),
+    ("compile_recompute_pointwise", "--activation_memory selective"),
+    ("use_liger_kernel", "--loss_implementation liger"),
     ("fp8_output_head", "--fp8 tensorwise_head"), ("torch_compile_mode", "the default mode is the fastest measured"),
 ])
 def test_a_removed_flag_gets_one_line_naming_its_replacement(flag, replacement, tmp_path):
