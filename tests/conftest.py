@@ -45,3 +45,18 @@ def read_metrics(output_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_tokenizer_folder(folder) -> str:
+    """A word-level tokenizer over the tiny models' 64 ids (words w1 ... w63, split at whitespace), whose EOS is id 0,
+    saved as transformers saves one; returns the folder."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eot>": 0, **{f"w{index}": index for index in range(1, 64)}}
+    words = Tokenizer(WordLevel(vocab, unk_token="w1"))
+    words.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eot>").save_pretrained(folder)
+    return str(folder)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from architectures import ARCHITECTURES, tiny_model
-from conftest import TINY_GPT2, write_learnable_shards
+from conftest import TINY_GPT2, tiny_tokenizer_folder, write_learnable_shards
 from timl.config import TrainingArguments
 from timl.model.build import build_config, build_model
 from timl.model.forward import CausalLMForTraining, TrainingLoss, check_document_masking, document_positions
@@ -81,19 +81,6 @@ def test_a_model_that_ignores_position_ids_is_refused_naming_its_type():
     with pytest.raises(ValueError, match="--document_masking: gpt2 with attention .* does not keep attention inside"):
         check_document_masking(model, SEPARATOR, {})
     check_document_masking(build_model(build_config("gpt2", TINY_GPT2)), SEPARATOR, {})
-
-
-def tiny_tokenizer_folder(folder) -> str:
-    """A word-level tokenizer over the tiny vocab, whose EOS is id 0, saved as transformers saves one."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eot>": 0, **{f"w{index}": index for index in range(1, 64)}}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="w1")),
-                                        eos_token="<eot>")
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def test_the_trainer_masks_documents_at_the_tokenizers_eos_and_says_so(tmp_path, caplog):

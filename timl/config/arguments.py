@@ -125,6 +125,13 @@ class DataArguments:
                                                 "share. The global batch stays --train_batch_size.")
     per_device_eval_batch_size: int = _arg(64, "Sequences per process per evaluation forward pass.")
     max_eval_tokens: int | None = _arg(None, "Evaluate on the first this many tokens. Default: the whole eval set.")
+    max_eval_task_items: int | None = _arg(None, "Score the first this many items of each --eval_tasks file. "
+                                                 "Default: all.")
+    eval_tasks: str | None = _arg(None, "Multiple-choice tasks scored at every evaluation, as local JSON-lines files "
+                                        "of {\"context\", \"choices\", \"label\"} items: 'tasks/python_facts.jsonl,"
+                                        "hellaswag=data/hellaswag_val.jsonl' (the name is the file's stem unless "
+                                        "given), logged as eval_<name>_acc and eval_<name>_acc_norm "
+                                        "(lm-evaluation-harness's acc and acc_norm).")
     tokenizer_name: str | None = _arg(None, "The tokenizer saved with every checkpoint and main/ (a folder or Hub id). "
                                             "Default: the one `timl tokenize` wrote beside the training shards.")
     shuffle: bool = _arg(False, "Read each epoch of the training data in a different order: a permutation of "
@@ -140,7 +147,7 @@ class DataArguments:
         if self.per_device_train_batch_size == "auto":
             self.per_device_train_batch_size = AUTO_MICRO_BATCH
         problems = _positive(self, "block_size", "train_batch_size", "per_device_eval_batch_size")
-        problems += _positive(self, "max_eval_tokens", optional=True)
+        problems += _positive(self, "max_eval_tokens", "max_eval_task_items", optional=True)
         if self.per_device_train_batch_size != AUTO_MICRO_BATCH:
             problems += _positive(self, "per_device_train_batch_size")
         elif self.train_batch_size % self.world_size:
@@ -456,7 +463,8 @@ class TrainingArguments:
         if self.compute.fp8_head and self.loss.loss_implementation not in ("auto", "logits"):
             problems.append(f"--fp8 {self.compute.fp8} trains the head in FP8 on the model's own logits: the "
                             f"{self.loss.loss_implementation} loss path multiplies the head's weight itself, so its "
-                            f"head would stay in bf16 (--fp8 {self.compute.fp8.removesuffix('_head')} keeps it there on purpose)")
+                            f"head would stay in bf16 (--fp8 {self.compute.fp8.removesuffix('_head')} keeps it "
+                            f"there on purpose)")
         return problems
 
     def __getattr__(self, name: str) -> Any:

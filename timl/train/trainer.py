@@ -45,6 +45,7 @@ from timl.train.callbacks import (CallbackHandler, EarlyStopping, ProgressBar, T
 from timl.train.plan import PerformancePlan, choose_micro_batch, compile_training, make_plan
 from timl.train.preemption import PreemptionGuard
 from timl.train.step import StepResult, StepSignals, training_step
+from timl.train.tasks import parse_task_list, read_task, score_task, task_values
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,12 @@ class Trainer:
         if self.accelerator.num_processes != args.data.world_size:
             raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes but WORLD_SIZE says "
                                f"{args.data.world_size}; launch with torchrun or accelerate launch.")
-        # The model's weights were made from --seed before (timl.train.pretrain.make_model); what the kernels add to them
-        # (padded vocab rows) is drawn from it too, the same on every rank.
         loop = args.loop
         # Saved into every checkpoint and main/, so that the model loads with its tokenizer (the main process saves).
         self.tokenizer = find_tokenizer(args.data.train_file_pattern, args.data.tokenizer_name)
         self.document_separator = self.document_separator_id(model)
+        # The model's weights were made from --seed before (timl.train.pretrain.make_model); what the kernels add to
+        # them (padded vocab rows) is drawn from it too, the same on every rank.
         enable_full_determinism(loop.seed) if loop.full_determinism else set_seed(loop.seed)
         self.plan = self.apply_kernels(model, compute_loss_func, train_metrics)
         # What every checkpoint will write, written once now: a config that cannot be saved stops the run here.
@@ -121,6 +122,14 @@ class Trainer:
                                                                               seed=loop.seed)
         # Metric prefix -> factory: eval_ for one eval set, eval_<name>_ for each named one (timl/data/sources.py).
         self.eval_loader_factories = eval_loader_factories(args.data, eval_loader_factory, vocab_size)
+        self.eval_tasks = [read_task(name, path, args.data.max_eval_task_items)
+                           for name, path in parse_task_list(args.data.eval_tasks or "")]
+        if self.eval_tasks and self.tokenizer is None:
+            raise ValueError("--eval_tasks needs the run's tokenizer: none was found beside the training shards; "
+                             "name one with --tokenizer_name.")
+        if self.eval_tasks and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError("--eval_tasks scores the whole model on each process, which FSDP shards: run the tasks "
+                             "under DDP, or without --eval_tasks.")
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
         # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
@@ -308,7 +317,8 @@ class Trainer:
         raise NonFiniteLossError(
             f"Step {step}: the loss is {loss} and the gradient norm {grad_norm}{allowed}. The run stopped: this step "
             f"changed no weight, and nothing after it was saved; {last}. To try: a lower --learning_rate (now "
-            f"{self.args.optimizer.learning_rate:g}), --max_grad_norm 1.0 (now {self.args.optimizer.max_grad_norm:g}), more warm-up "
+            f"{self.args.optimizer.learning_rate:g}), --max_grad_norm 1.0 (now "
+            f"{self.args.optimizer.max_grad_norm:g}), more warm-up "
             f"(--warmup_steps), --z_loss_coefficient 1e-4, or --skip_nonfinite_steps N to skip rare bad batches.")
 
     def begin(self, saved: dict[str, Any]) -> None:
@@ -338,7 +348,8 @@ class Trainer:
                                 control=control):
             self.act_on(self.signals.drain())
         evaluate, scheduled_eval = schedule.evaluation_due(
-            at, has_eval=bool(self.eval_loader_factories), eval_pending=self.eval_pending, preempted=self.preempted,
+            at, has_eval=bool(self.eval_loader_factories or self.eval_tasks), eval_pending=self.eval_pending,
+            preempted=self.preempted,
             eval_every_steps=loop.eval_every_steps, control=control)
         if evaluate:
             with self.window.excluded():
@@ -443,7 +454,8 @@ class Trainer:
 
     def prepare(self, total_steps: int) -> None:
         """Builds the optimizer and schedule if none were given, and hands model and optimizer to Accelerate."""
-        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args.optimizer, total_steps, self.given_optimizers,
+        self.optim: OptimizerSet = build_optimizer_set(self.model, self.args.optimizer, total_steps,
+                                                       self.given_optimizers,
                                                        device=self.accelerator.device)
         training = CausalLMForTraining(self.model, self.training_loss, self.args.compute.forward_kwargs,
                                        return_outputs=bool(self.train_metrics),
@@ -522,6 +534,12 @@ class Trainer:
                 with self.accelerator.autocast():
                     self.forward_loss(inputs, None, self.eval_metrics)
             values.update(report(self.eval_metrics, self.accelerator, prefix))
+        for task in self.eval_tasks:
+            with self.accelerator.autocast():
+                counts = score_task(self.model, self.tokenizer, task, rank=self.accelerator.process_index,
+                                    world_size=self.accelerator.num_processes, device=self.accelerator.device,
+                                    block_size=self.args.data.block_size)
+            values.update(task_values(task.name, self.accelerator.reduce(counts, reduction="sum")))
         self.training_model.train()
         return values
 
@@ -539,6 +557,11 @@ def check_files(args: TrainingArguments) -> None:
                         "--max_train_steps or --max_train_tokens")
     if not checkpoint_args.resume_from_checkpoint and not checkpoint_args.overwrite_output_dir:
         problems += another_run_problems(checkpoint_args.output_dir)
+    for name, path in parse_task_list(data.eval_tasks or ""):
+        try:
+            read_task(name, path, data.max_eval_task_items)
+        except (OSError, ValueError) as error:
+            problems.append(f"--eval_tasks: {error}")
     if problems:
         raise ValueError("Invalid training arguments:\n" + "\n".join(f"  - {p}" for p in problems))
 

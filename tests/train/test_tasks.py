@@ -1,0 +1,101 @@
+"""--eval_tasks: multiple-choice accuracy in the evaluation loop, as lm-evaluation-harness defines acc and acc_norm,
+checked against an independent computation with transformers on the saved main/."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TINY_GPT2, read_metrics, tiny_tokenizer_folder, write_learnable_shards
+from timl.config import ModelArguments, TrainingArguments
+from timl.train.pretrain import pretrain
+from timl.train.tasks import TaskItem, choice_log_likelihoods, parse_task_list, read_task
+
+ITEMS = [
+    {"context": "w3 w4 w5", "choices": ["w6", "w9 w9", "w2"], "label": 0},
+    {"context": "w10 w11", "choices": ["w12 w13 w14", "w40"], "label": 1},
+    {"context": "w20", "choices": ["w21", "w22", "w23 w24", "w25"], "label": 2},
+    {"context": "w30 w31 w32 w33", "choices": ["w34", "w35 w36"], "label": 0},
+    {"context": "w50 w51", "choices": ["w52 w53", "w54", "w55"], "label": 1},
+]
+
+
+def write_task(path, items) -> str:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+def independent_scores(main, item) -> list[float]:
+    """Each choice's log-likelihood as the context's continuation, computed here with transformers alone."""
+    tokenizer = AutoTokenizer.from_pretrained(main)
+    model = AutoModelForCausalLM.from_pretrained(main).eval()
+    scores = []
+    for choice in item["choices"]:
+        context = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+        whole = tokenizer(item["context"] + " " + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            log_probs = F.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), dim=-1)
+        scores.append(sum(log_probs[position - 1, whole[position]].item()
+                          for position in range(len(context), len(whole))))
+    return scores
+
+
+def independent_accuracies(main, items) -> tuple[float, float]:
+    """acc and acc_norm from their definitions, over independent_scores."""
+    correct = correct_norm = 0
+    for item in items:
+        scores = independent_scores(main, item)
+        best = max(range(len(scores)), key=lambda index: scores[index])
+        best_norm = max(range(len(scores)), key=lambda index: scores[index] / len(item["choices"][index]))
+        correct += best == item["label"]
+        correct_norm += best_norm == item["label"]
+    return correct / len(items), correct_norm / len(items)
+
+
+def test_task_accuracies_equal_an_independent_computation_on_the_saved_model(tmp_path):
+    write_learnable_shards(tmp_path, 2048, "train")
+    task = write_task(tmp_path / "words.jsonl", ITEMS)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=4, per_device_train_batch_size=4, max_train_steps=3,
+                             eval_every_steps=3, report_to="none", optim="adamw_torch", save_every_steps=0,
+                             tokenizer_name=tiny_tokenizer_folder(tmp_path / "tokenizer"),
+                             eval_tasks=f"{task},again={task}", max_eval_task_items=4)
+    pretrain(ModelArguments(config_overrides=TINY_GPT2), args)
+    last = [record for record in read_metrics(tmp_path / "run") if "eval_words_acc" in record][-1]
+    assert last["step"] == 3
+    acc, acc_norm = independent_accuracies(tmp_path / "run" / "main", ITEMS[:4])
+    assert last["eval_words_acc"] == pytest.approx(acc) and last["eval_words_acc_norm"] == pytest.approx(acc_norm)
+    assert last["eval_again_acc"] == last["eval_words_acc"]
+    # The scores behind them, choice by choice, from the timl code path on the saved model.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "main").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "main")
+    for item in ITEMS:
+        ours = choice_log_likelihoods(model, tokenizer, TaskItem(item["context"], tuple(item["choices"]),
+                                                                 item["label"]), device=torch.device("cpu"),
+                                      block_size=16)
+        assert ours == pytest.approx(independent_scores(tmp_path / "run" / "main", item), rel=1e-5)
+
+
+def test_a_malformed_task_file_is_named_with_its_line_before_the_model_is_built(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ITEMS[0]) + "\n" + json.dumps({"context": "w1", "choices": ["w2"], "label": 0}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not a task item .*two or more"):
+        read_task("bad", path)
+    path.write_text(json.dumps({"context": "w1", "choices": ["w2", "w3"], "label": 5}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:1: .*label must index the choices"):
+        read_task("bad", path)
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=f"{path}:1: not a task item"):
+        read_task("bad", path)
+    assert parse_task_list("a/hella.jsonl, arc=b/c.jsonl") == [("hella", "a/hella.jsonl"), ("arc", "b/c.jsonl")]
+
+
+def test_the_shipped_example_task_reads():
+    from pathlib import Path
+
+    task = read_task("python_facts", Path(__file__).resolve().parents[2] / "tasks" / "python_facts.jsonl")
+    assert len(task.items) == 10 and all(len(item.choices) == 4 for item in task.items)
