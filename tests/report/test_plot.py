@@ -159,3 +159,24 @@ def test_missing_matplotlib_says_how_to_install_it(runs, tmp_path):
     assert result.returncode == 1
     assert "timl plot needs matplotlib: pip install 'timl[plot]'" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_named_eval_sets_and_task_accuracies_are_drawn(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 1, "train_loss": 4.0, "tokens": 64, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 10.0},
+             {"step": 1, "eval_val_loss": 3.9, "eval_code_loss": 4.2, "eval_facts_acc": 0.25,
+              "eval_facts_acc_norm": 0.5},
+             {"step": 2, "train_loss": 3.0, "tokens": 128, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 10.0},
+             {"step": 2, "eval_val_loss": 2.9, "eval_code_loss": 3.2, "eval_facts_acc": 0.5,
+              "eval_facts_acc_norm": 0.75}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figures = build_figures([load_run(run, "run")], dpi=50, log_y=False)
+    try:
+        assert [line.get_label() for line in figures["loss.png"].axes[0].get_lines()] == ["train", "eval code",
+                                                                                           "eval val"]
+        assert [axis.get_ylabel() for axis in figures["metrics.png"].axes] == ["facts_acc", "facts_acc_norm"]
+        assert plotted(figures["metrics.png"])[0] == [([64.0, 128.0], [0.25, 0.5])]
+    finally:
+        for figure in figures.values():
+            pyplot().close(figure)

@@ -56,7 +56,7 @@ def independent_accuracies(main, items) -> tuple[float, float]:
     return correct / len(items), correct_norm / len(items)
 
 
-def test_task_accuracies_equal_an_independent_computation_on_the_saved_model(tmp_path):
+def test_task_accuracies_equal_an_independent_computation_on_the_saved_model(tmp_path, capsys):
     write_learnable_shards(tmp_path, 2048, "train")
     task = write_task(tmp_path / "words.jsonl", ITEMS)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"),
@@ -65,7 +65,10 @@ def test_task_accuracies_equal_an_independent_computation_on_the_saved_model(tmp
                              tokenizer_name=tiny_tokenizer_folder(tmp_path / "tokenizer"),
                              eval_tasks=f"{task},again={task}", max_eval_task_items=4)
     pretrain(ModelArguments(config_overrides=TINY_GPT2), args)
-    last = [record for record in read_metrics(tmp_path / "run") if "eval_words_acc" in record][-1]
+    records = [record for record in read_metrics(tmp_path / "run") if "eval_words_acc" in record]
+    last = records[-1]
+    best = max(record["eval_words_acc"] for record in records)
+    assert f"best eval_words_acc {best:.4f} at step" in capsys.readouterr().out  # the end-of-run summary
     assert last["step"] == 3
     acc, acc_norm = independent_accuracies(tmp_path / "run" / "main", ITEMS[:4])
     assert last["eval_words_acc"] == pytest.approx(acc) and last["eval_words_acc_norm"] == pytest.approx(acc_norm)

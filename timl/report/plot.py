@@ -89,7 +89,8 @@ def load_run(output_dir: Path, name: str) -> Run:
     if not lines:
         raise PlotError(f"{path} is empty: the run has logged nothing yet.")
     train = [line for line in lines if "train_loss" in line]
-    evals = [line for line in lines if "eval_loss" in line and "train_loss" not in line]
+    # Eval lines: the losses of every eval set (eval_loss, eval_<name>_loss) and the tasks' accuracies.
+    evals = [line for line in lines if "train_loss" not in line and any(key.startswith("eval_") for key in line)]
     tokens_per_step = read_tokens_per_step(output_dir, train)
     if tokens_per_step is not None:
         evals = [{"tokens": line["step"] * tokens_per_step, **line} for line in evals]
@@ -171,11 +172,15 @@ def build_figures(runs: list[Run], dpi: int, log_y: bool) -> dict[str, Any]:
     def label(run: Run, what: str) -> str:
         return f"{run.name} {what}" if len(runs) > 1 else what
 
+    eval_losses = sorted({key for run in runs for line in run.eval for key in line
+                          if key.startswith("eval_") and key.endswith("_loss")})
+
     def losses(axis: Any, _: int) -> None:
         for run in runs:
             plot(axis, run, run.train, "train_loss", "tokens", label(run, "train"))
-            plot(axis, run, run.eval, "eval_loss", "tokens", label(run, "eval"), linestyle="--", marker="o",
-                 markersize=4)
+            for key in eval_losses:  # eval_loss, or eval_<name>_loss for each named eval set
+                what = "eval" if key == "eval_loss" else key.removesuffix("_loss").replace("_", " ", 1)
+                plot(axis, run, run.eval, key, "tokens", label(run, what), linestyle="--", marker="o", markersize=4)
 
     figure("loss.png", "Loss", [Panel("loss (nats/token)", "tokens", log_y)], losses)
 
@@ -205,7 +210,8 @@ def build_figures(runs: list[Run], dpi: int, log_y: bool) -> dict[str, Any]:
     figure("grad_norm.png", "Gradient norm", [Panel("grad norm, before clipping", "step", log_y)], grad_norms)
 
     metric_names = sorted({key.split("_", 1)[1] for run in runs for line in run.train + run.eval for key in line
-                           if key.startswith(("train_", "eval_")) and key not in NOT_METRICS})
+                           if key.startswith(("train_", "eval_")) and key not in NOT_METRICS
+                           and not (key.startswith("eval_") and key.endswith("_loss"))})
     if metric_names:
         def metrics(axis: Any, index: int) -> None:
             for run in runs:

@@ -30,6 +30,9 @@ def render(state: TrainerState, output_dir: str, hub: Any, *, flops_per_token: f
         lines.append(f"  skipped {len(state.skipped_steps)} steps whose loss or grad norm was not finite: {steps}")
     if state.best_eval_loss is not None:
         lines.append(f"  best eval loss {state.best_eval_loss:.4f} at step {state.best_eval_step}")
+    for key, (value, step) in sorted(state.best.items()):
+        if key != "eval_loss":  # eval sets by name, task accuracies
+            lines.append(f"  best {key} {value:.4f} at step {step}")
     model = (f"{output_dir}/main (AutoModelForCausalLM.from_pretrained)" if main_written
              else f"{output_dir}/step{state.step} (no main/ yet)")
     lines.append(f"  checkpoints: {output_dir}/step{{N}}/, model in {model}; metrics: {output_dir}/metrics.jsonl")

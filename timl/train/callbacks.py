@@ -49,6 +49,8 @@ class TrainerState:
     session_started: float = field(default_factory=time.perf_counter)
     stopped_by: str | None = None  # what stopped the run early: a signal's name, or a callback's class name
     skipped_steps: list[int] = field(default_factory=list)  # steps whose loss or grad norm was not finite
+    # Each eval value's best so far and its step: the lowest of a loss, the highest of an accuracy.
+    best: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -68,6 +70,13 @@ class TrainerState:
         loss = values.get("eval_loss")
         if loss is not None and (self.best_eval_loss is None or loss < self.best_eval_loss):
             self.best_eval_loss, self.best_eval_step = loss, self.step
+        for key, value in values.items():
+            if not key.startswith("eval_") or not isinstance(value, (int, float)) or value != value:
+                continue
+            lower_is_better = key.endswith("_loss")
+            best = self.best.get(key)
+            if best is None or (value < best[0] if lower_is_better else value > best[0]):
+                self.best[key] = (float(value), self.step)
 
     def add_timing(self, tokens: int, seconds: float) -> None:
         self.timed_tokens += tokens
@@ -76,7 +85,8 @@ class TrainerState:
     def state_dict(self) -> dict[str, Any]:
         return {"latest": self.latest, "best_eval_loss": self.best_eval_loss, "best_eval_step": self.best_eval_step,
                 "timed_tokens": self.timed_tokens, "timed_seconds": self.timed_seconds,
-                "elapsed_seconds": self.elapsed_seconds, "skipped_steps": self.skipped_steps}
+                "elapsed_seconds": self.elapsed_seconds, "skipped_steps": self.skipped_steps,
+                "best": {key: list(value) for key, value in self.best.items()}}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.latest = dict(saved.get("latest", {}))
@@ -84,6 +94,7 @@ class TrainerState:
         self.timed_tokens, self.timed_seconds = saved.get("timed_tokens", 0), saved.get("timed_seconds", 0.0)
         self.seconds_before_session = saved.get("elapsed_seconds", 0.0)
         self.skipped_steps = list(saved.get("skipped_steps", []))
+        self.best = {key: (float(value), int(step)) for key, (value, step) in saved.get("best", {}).items()}
 
 
 @dataclass
