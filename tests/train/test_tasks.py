@@ -102,3 +102,38 @@ def test_the_shipped_example_task_reads():
 
     task = read_task("python_facts", Path(__file__).resolve().parents[2] / "tasks" / "python_facts.jsonl")
     assert len(task.items) == 10 and all(len(item.choices) == 4 for item in task.items)
+
+
+def test_two_processes_give_the_same_task_accuracies_as_one(tmp_path):
+    """Five items over two ranks (three and two): the counts are summed, so the accuracy is the one-process one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from timl.config import parse_args
+
+    root = Path(__file__).resolve().parents[2]
+    write_learnable_shards(tmp_path, 4096, "train")
+    task = write_task(tmp_path / "words.jsonl", ITEMS)
+    tokenizer = tiny_tokenizer_folder(tmp_path / "tokenizer")
+
+    def argv(output_dir) -> list[str]:
+        return ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(output_dir),
+                "--train_file_pattern", str(tmp_path / "train_*.bin"), "--block_size", "16",
+                "--train_batch_size", "4", "--per_device_train_batch_size", "2", "--max_train_steps", "2",
+                "--eval_every_steps", "2", "--save_every_steps", "0", "--report_to", "none", "--optim", "adamw_torch",
+                "--tokenizer_name", tokenizer, "--eval_tasks", task]
+
+    pretrain(*parse_args(ModelArguments, TrainingArguments, argv=argv(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(root / "recipes" / "gpt2_c4.py"), *argv(tmp_path / "two")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = ([record for record in read_metrics(tmp_path / name) if "eval_words_acc" in record]
+                for name in ("one", "two"))
+    assert [record["step"] for record in one] == [record["step"] for record in two] == [0, 2]
+    # Before training the two runs hold the same weights: the accuracies must be the same to the last item.
+    assert (one[0]["eval_words_acc"], one[0]["eval_words_acc_norm"]) == (two[0]["eval_words_acc"],
+                                                                          two[0]["eval_words_acc_norm"])
