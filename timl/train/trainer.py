@@ -167,7 +167,7 @@ class Trainer:
             compute_loss_func=compute_loss_func, train_metrics=bool(train_metrics),
             fp8_output_head=compute.fp8_head, z_loss_coefficient=loss.z_loss_coefficient,
             cut_cross_entropy_kwargs=loss.cut_cross_entropy_kwargs)
-        plan = make_plan(compute, device, model, self.training_loss.path)
+        plan = make_plan(compute, device, model, self.training_loss.path, self.document_separator is not None)
         if plan.pad_vocab_to:
             pad_vocab(model, plan.pad_vocab_to)
         applied = []
