@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import TINY_GPT2, read_metrics, tiny_tokenizer_folder, write_learnable_shards
 from timl.config import ModelArguments, TrainingArguments
 from timl.train.pretrain import pretrain
-from timl.train.tasks import TaskItem, choice_log_likelihoods, parse_task_list, read_task
+from timl.train.tasks import (ChoiceRow, Task, TaskItem, batches_per_process, choice_batch, choice_tokens,
+                              parse_task_list, read_task, score_task)
+from timl.train.trainer import Trainer
 
 ITEMS = [
     {"context": "w3 w4 w5", "choices": ["w6", "w9 w9", "w2"], "label": 0},
@@ -56,6 +58,16 @@ def independent_accuracies(main, items) -> tuple[float, float]:
     return correct / len(items), correct_norm / len(items)
 
 
+def scoring_trainer(main, tmp_path, **values) -> Trainer:
+    """A Trainer over the saved model, as a run that evaluates tasks builds it (nothing trained)."""
+    tmp_path.mkdir()
+    write_learnable_shards(tmp_path, 2048, "train")
+    args = TrainingArguments(output_dir=str(tmp_path / "scoring"), train_file_pattern=str(tmp_path / "train_*.bin"),
+                             block_size=16, train_batch_size=4, per_device_train_batch_size=4, max_train_steps=1,
+                             report_to="none", optim="adamw_torch", tokenizer_name=str(main), **values)
+    return Trainer(AutoModelForCausalLM.from_pretrained(main), args)
+
+
 def test_task_accuracies_equal_an_independent_computation_on_the_saved_model(tmp_path, capsys):
     write_learnable_shards(tmp_path, 2048, "train")
     task = write_task(tmp_path / "words.jsonl", ITEMS)
@@ -73,14 +85,71 @@ def test_task_accuracies_equal_an_independent_computation_on_the_saved_model(tmp
     acc, acc_norm = independent_accuracies(tmp_path / "run" / "main", ITEMS[:4])
     assert last["eval_words_acc"] == pytest.approx(acc) and last["eval_words_acc_norm"] == pytest.approx(acc_norm)
     assert last["eval_again_acc"] == last["eval_words_acc"]
-    # The scores behind them, choice by choice, from the timl code path on the saved model.
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "main").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "main")
-    for item in ITEMS:
-        ours = choice_log_likelihoods(model, tokenizer, TaskItem(item["context"], tuple(item["choices"]),
-                                                                 item["label"]), device=torch.device("cpu"),
-                                      block_size=16)
-        assert ours == pytest.approx(independent_scores(tmp_path / "run" / "main", item), rel=1e-5)
+    # The scores behind them, choice by choice, from the timl code path on the saved model: through the training
+    # forward's head path and through the model's own logits, each batch holding an empty row too.
+    main = tmp_path / "run" / "main"
+    tokenizer = AutoTokenizer.from_pretrained(main)
+    for loss_implementation in ("full", "logits"):
+        trainer = scoring_trainer(main, tmp_path / loss_implementation, loss_implementation=loss_implementation)
+        trainer.training_model.eval()
+        for index, item in enumerate(ITEMS):
+            rows = [ChoiceRow(index, tuple(tokens), continuation) for tokens, continuation in
+                    (choice_tokens(tokenizer, item["context"], choice, 16) for choice in item["choices"])]
+            with torch.no_grad():
+                ours = trainer.score_choices(choice_batch(rows, len(rows) + 1, 16))
+            assert ours[-1] == 0  # the empty row
+            assert ours[:-1].tolist() == pytest.approx(independent_scores(main, item), rel=1e-5)
+
+
+def test_every_process_runs_the_forwards_of_the_busiest_and_the_counts_add_up(tmp_path):
+    """Under FSDP every forward gathers parameters with every process, so each runs as many batches as the busiest
+    (empty rows padding the rest); the counts of the processes add up to one process's. The rows here are scored
+    by a stand-in for the model: the sum of their labelled token ids, known without a model."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_folder(tmp_path / "tokenizer"))
+    task = Task("words", tuple(TaskItem(item["context"], tuple(item["choices"]), item["label"]) for item in ITEMS))
+    calls: dict[int, list[torch.Size]] = {}
+
+    def scorer(rank):
+        def score_batch(inputs):
+            calls.setdefault(rank, []).append(inputs["input_ids"].shape)
+            labels = inputs["labels"]
+            return torch.where(labels >= 0, labels, 0).sum(dim=-1).float()
+        return score_batch
+
+    def counts(rank, world_size):
+        return score_task(scorer(rank), tokenizer, task, rank=rank, world_size=world_size,
+                          device=torch.device("cpu"), block_size=128, rows_per_batch=2)
+
+    alone = counts(0, 1)
+    assert alone[2] == len(ITEMS)
+    calls.clear()
+    # Rank 0 holds items 0, 2, 4 (10 choices: 5 batches of 2), rank 1 items 1, 3 (4 choices: 2 batches).
+    together = counts(0, 2) + counts(1, 2)
+    assert batches_per_process(task, 2, 2) == 5 and len(calls[0]) == len(calls[1]) == 5
+    assert torch.equal(together, alone)
+    assert all(shape == (2, 64) for shape in calls[0] + calls[1])  # lengths rounded up to a few compiled shapes
+
+
+def test_task_scoring_runs_compiled_when_training_is_and_gives_the_eager_accuracies(tmp_path):
+    task = write_task(tmp_path / "words.jsonl", ITEMS)
+    write_learnable_shards(tmp_path, 2048, "train")
+    values = dict(output_dir=str(tmp_path / "run"), train_file_pattern=str(tmp_path / "train_*.bin"), block_size=16,
+                  train_batch_size=4, per_device_train_batch_size=4, max_train_steps=1, report_to="none",
+                  optim="adamw_torch", tokenizer_name=tiny_tokenizer_folder(tmp_path / "tokenizer"), eval_tasks=task)
+    from timl.model.build import build_config, build_model
+
+    def evaluate(**more):
+        torch.manual_seed(0)
+        args = TrainingArguments(**values, **more)
+        trainer = Trainer(build_model(build_config("gpt2", TINY_GPT2)), args)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        return trainer.evaluate(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    eager, eager_graphs = evaluate()
+    compiled, compiled_graphs = evaluate(torch_compile="true")
+    assert eager_graphs == 0 and compiled_graphs >= 1  # with no eval set, the tasks' forwards were the compiled ones
+    assert compiled == pytest.approx(eager)
 
 
 def test_a_malformed_task_file_is_named_with_its_line_before_the_model_is_built(tmp_path):

@@ -6,7 +6,9 @@ choice is scored by the log-likelihood the model gives it as a continuation of t
 context (lm-evaluation-harness's default target delimiter), tokenized with the run's tokenizer: the context and the
 whole are encoded, and the continuation is what the whole adds. `acc` takes the choice of the highest
 log-likelihood; `acc_norm` divides each by the choice's length in characters first. Every process scores its share
-of the items, and the counts are summed over processes, so the means are exact on any world size.
+of the items, and the counts are summed over processes, so the means are exact on any world size. The choices go
+through the module training runs (compiled when training is, wrapped by DDP or FSDP) a batch of rows at a time,
+every process running the same number of forwards.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from timl.loss.cross_entropy import IGNORE_INDEX, token_losses
+from timl.report.metrics import CrossEntropy
 
 TARGET_DELIMITER = " "
 
@@ -84,35 +89,87 @@ def choice_tokens(tokenizer: Any, context: str, choice: str, block_size: int) ->
     return whole[-(block_size + 1):], min(continuation, block_size)
 
 
-@torch.no_grad()
-def choice_log_likelihoods(model: torch.nn.Module, tokenizer: Any, item: TaskItem, *, device: torch.device,
-                           block_size: int) -> list[float]:
-    """The log-likelihood the model gives each choice as the context's continuation, all choices in one batch."""
-    encoded = [choice_tokens(tokenizer, item.context, choice, block_size) for choice in item.choices]
-    length = max(len(tokens) for tokens, _ in encoded) - 1
-    input_ids = torch.zeros(len(encoded), length, dtype=torch.long)
-    for row, (tokens, _) in enumerate(encoded):
-        input_ids[row, :len(tokens) - 1] = torch.tensor(tokens[:-1])  # padded after its end: causal, so unseen
-    logits = model(input_ids=input_ids.to(device)).logits.float()
-    scores = []
-    for row, (tokens, continuation) in enumerate(encoded):
-        end = len(tokens) - 1  # position p predicts tokens[p + 1]
-        targets = torch.tensor(tokens[end - continuation + 1:end + 1], device=device)
-        log_probs = F.log_softmax(logits[row, end - continuation:end], dim=-1)
-        scores.append(log_probs.gather(1, targets[:, None]).sum().item())
-    return scores
+@dataclass(frozen=True)
+class ChoiceRow:
+    """One choice of one item as a row to score: its tokens and how many at the end are the continuation."""
+
+    item: int  # the item's index in the task
+    tokens: tuple[int, ...]
+    continuation: int
 
 
-def score_task(model: torch.nn.Module, tokenizer: Any, task: Task, *, rank: int, world_size: int,
-               device: torch.device, block_size: int) -> torch.Tensor:
-    """This process's [correct by acc, correct by acc_norm, items] over its share of the task's items (every
-    world_size-th), as a device tensor, to be summed over processes."""
+def process_items(task: Task, rank: int, world_size: int) -> range:
+    """The indices of the items this process scores: every world_size-th."""
+    return range(rank, len(task.items), world_size)
+
+
+def batches_per_process(task: Task, world_size: int, rows_per_batch: int) -> int:
+    """How many batches the busiest process scores; every process runs that many forwards (padding with empty
+    ones), so that FSDP's collectives inside each forward line up across processes."""
+    return max((math.ceil(sum(len(task.items[index].choices) for index in process_items(task, rank, world_size))
+                          / rows_per_batch) for rank in range(world_size)), default=0)
+
+
+def row_length(rows: list[ChoiceRow], block_size: int) -> int:
+    """A batch's length: its longest input rounded up to a power of two from 64, at most block_size, so that a
+    compiled forward sees a handful of shapes."""
+    longest = max((len(row.tokens) - 1 for row in rows), default=1)
+    return min(block_size, max(64, 1 << (longest - 1).bit_length()))
+
+
+def choice_batch(rows: list[ChoiceRow], rows_per_batch: int, block_size: int) -> dict[str, torch.Tensor]:
+    """input_ids and labels [rows_per_batch, length] for these rows (the rest empty): each row's tokens, padded
+    after its end (causal, so unseen), and labels only on its continuation, where position p predicts token p + 1."""
+    length = row_length(rows, block_size)
+    input_ids = torch.zeros(rows_per_batch, length, dtype=torch.long)
+    labels = torch.full((rows_per_batch, length), IGNORE_INDEX, dtype=torch.long)
+    for index, row in enumerate(rows):
+        end = len(row.tokens) - 1
+        input_ids[index, :end] = torch.tensor(row.tokens[:-1])
+        labels[index, end - row.continuation:end] = torch.tensor(row.tokens[end - row.continuation + 1:])
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class ChoiceLogLikelihoods(CrossEntropy):
+    """Keeps the cross-entropy of each token of the last batch scored (0 where unlabelled), from which the caller
+    sums each row. A CrossEntropy, so that the training forward's evaluation path (timl.model.forward) hands it the
+    whole batch's token losses, from the chunked head or from the model's logits, as it hands the eval loss."""
+
+    def update(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> None:
+        labels = inputs["labels"].flatten()
+        self.add(token_losses(outputs.logits.flatten(0, -2).float(), labels)[0], labels)
+
+    def add(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        self.token_losses = torch.where(labels.flatten() != IGNORE_INDEX, values.flatten().float(), 0.0)
+
+
+ScoreBatch = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""Given a batch of choice rows (input_ids, labels), the summed log-likelihood of each row's labelled tokens."""
+
+
+def score_task(score_batch: ScoreBatch, tokenizer: Any, task: Task, *, rank: int, world_size: int,
+               device: torch.device, block_size: int, rows_per_batch: int) -> torch.Tensor:
+    """This process's [correct by acc, correct by acc_norm, items] over its share of the task's items, as a device
+    tensor to be summed over processes. The choices of its items go through `score_batch` `rows_per_batch` rows
+    at a time, in as many batches as the busiest process's (batches_per_process)."""
+    rows = [ChoiceRow(index, tuple(tokens), continuation) for index in process_items(task, rank, world_size)
+            for tokens, continuation in (choice_tokens(tokenizer, task.items[index].context, choice, block_size)
+                                         for choice in task.items[index].choices)]
+    scores: list[torch.Tensor] = []
+    for start in range(0, batches_per_process(task, world_size, rows_per_batch) * rows_per_batch, rows_per_batch):
+        batch = rows[start:start + rows_per_batch]
+        inputs = {name: tensor.to(device) for name, tensor in choice_batch(batch, rows_per_batch, block_size).items()}
+        scores.append(score_batch(inputs)[:len(batch)].float())
+    by_row = torch.cat(scores).tolist() if scores else []
     counts = torch.zeros(3, device=device)
-    for item in task.items[rank::world_size]:
-        scores = choice_log_likelihoods(model, tokenizer, item, device=device, block_size=block_size)
-        normalized = [score / max(len(choice), 1) for score, choice in zip(scores, item.choices)]
-        counts += torch.tensor([float(_argmax(scores) == item.label), float(_argmax(normalized) == item.label), 1.0],
-                               device=device)
+    position = 0
+    for index in process_items(task, rank, world_size):
+        item = task.items[index]
+        choice_scores = by_row[position:position + len(item.choices)]
+        position += len(item.choices)
+        normalized = [score / max(len(choice), 1) for score, choice in zip(choice_scores, item.choices)]
+        counts += torch.tensor([float(_argmax(choice_scores) == item.label),
+                                float(_argmax(normalized) == item.label), 1.0], device=device)
     return counts
 
 

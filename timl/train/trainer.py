@@ -45,7 +45,7 @@ from timl.train.callbacks import (CallbackHandler, EarlyStopping, ProgressBar, T
 from timl.train.plan import PerformancePlan, choose_micro_batch, compile_training, make_plan
 from timl.train.preemption import PreemptionGuard
 from timl.train.step import StepResult, StepSignals, training_step
-from timl.train.tasks import parse_task_list, read_task, score_task, task_values
+from timl.train.tasks import ChoiceLogLikelihoods, parse_task_list, read_task, score_task, task_values
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +127,9 @@ class Trainer:
         if self.eval_tasks and self.tokenizer is None:
             raise ValueError("--eval_tasks needs the run's tokenizer: none was found beside the training shards; "
                              "name one with --tokenizer_name.")
-        if self.eval_tasks and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise ValueError("--eval_tasks scores the whole model on each process, which FSDP shards: run the tasks "
-                             "under DDP, or without --eval_tasks.")
         self.train_metrics = list(train_metrics)
         self.eval_metrics = [CrossEntropy(), *eval_metrics]
+        self.choice_log_likelihoods = ChoiceLogLikelihoods()
         # One (optimizer, scheduler) pair, or a list of them, each over its own parameter groups.
         self.given_optimizers = [optimizers] if isinstance(optimizers, tuple) else list(optimizers)
         self.flops_per_token = flops_per_token(model, args.data.block_size)
@@ -535,13 +533,20 @@ class Trainer:
                     self.forward_loss(inputs, None, self.eval_metrics)
             values.update(report(self.eval_metrics, self.accelerator, prefix))
         for task in self.eval_tasks:
-            with self.accelerator.autocast():
-                counts = score_task(self.model, self.tokenizer, task, rank=self.accelerator.process_index,
-                                    world_size=self.accelerator.num_processes, device=self.accelerator.device,
-                                    block_size=self.args.data.block_size)
+            counts = score_task(self.score_choices, self.tokenizer, task, rank=self.accelerator.process_index,
+                                world_size=self.accelerator.num_processes, device=self.accelerator.device,
+                                block_size=self.args.data.block_size,
+                                rows_per_batch=self.args.data.per_device_eval_batch_size)
             values.update(task_values(task.name, self.accelerator.reduce(counts, reduction="sum")))
         self.training_model.train()
         return values
+
+    def score_choices(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed log-likelihood of each row's labelled tokens (timl/train/tasks.py), through the same forward
+        as the eval losses."""
+        with self.accelerator.autocast():
+            self.forward_loss(inputs, None, [self.choice_log_likelihoods])
+        return -self.choice_log_likelihoods.token_losses.view(inputs["labels"].shape).sum(dim=-1)
 
 
 
