@@ -193,3 +193,23 @@ def test_the_steps_between_log_lines_make_no_host_sync(shards, tmp_path):
 
     short, long = synchronizing_calls(8), synchronizing_calls(24)
     assert short == long, f"synchronizing calls that grow with the steps: {long - short}"
+
+
+def test_fsdp_scores_tasks_and_masks_documents_as_ddp_does(shards, tmp_path):
+    """--eval_tasks and --document_masking under FSDP: every forward of the task scoring gathers the parameters,
+    and the run picks FlexAttention with timl's block mask; the accuracies before training are DDP's (the same
+    weights, both in bf16: within one item of the ten)."""
+    from timl.data.encoders import gpt2_bpe_files
+    from timl.data.saved_tokenizer import gpt2_tokenizer, save_tokenizer
+
+    save_tokenizer(gpt2_tokenizer(*gpt2_bpe_files()), tmp_path / "tokenizer")
+    extra = ["--tokenizer_name", str(tmp_path / "tokenizer"), "--document_masking", "true",
+             "--eval_tasks", str(ROOT / "tasks" / "python_facts.jsonl"), "--max_train_steps", "20",
+             "--save_every_steps", "0"]
+    fsdp_log = finish(launch(argv(shards, tmp_path / "fsdp", "llama", *extra), fsdp=True))
+    finish(launch(argv(shards, tmp_path / "ddp", "llama", *extra), fsdp=False))
+    assert "attention: flex_attention with timl's document block mask" in fsdp_log
+    fsdp, ddp = ({record["step"]: record for record in read_metrics(tmp_path / name)
+                  if "eval_python_facts_acc" in record} for name in ("fsdp", "ddp"))
+    assert sorted(fsdp) == sorted(ddp) == [0, 20]
+    assert abs(fsdp[0]["eval_python_facts_acc"] - ddp[0]["eval_python_facts_acc"]) <= 0.1 + 1e-9
