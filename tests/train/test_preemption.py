@@ -22,12 +22,15 @@ ROOT = WORKERS.parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
 
 # A training loop that never ends by itself: it says when it is ready and when the guard has seen a stop signal.
+# Its third argument sets the window in which a repeated signal counts as the launcher's copy of the first.
 ENDLESS_STEPS = """
 import sys, time
 from pathlib import Path
+from timl.train import preemption
 from timl.train.preemption import PreemptionGuard
 
 ready, requested = Path(sys.argv[1]), Path(sys.argv[2])
+preemption.DUPLICATE_SECONDS = float(sys.argv[3])
 with PreemptionGuard() as guard:
     ready.touch()
     while True:
@@ -47,8 +50,9 @@ def test_the_first_signal_is_a_request_and_the_previous_handlers_come_back():
 
 
 def test_a_second_sigterm_exits_at_once_by_the_signal(tmp_path):
+    """With no window for copies, so that the second signal is a second request however soon it comes."""
     ready, requested = tmp_path / "ready", tmp_path / "requested"
-    process = subprocess.Popen([sys.executable, "-c", ENDLESS_STEPS, str(ready), str(requested)], env=ENV,
+    process = subprocess.Popen([sys.executable, "-c", ENDLESS_STEPS, str(ready), str(requested), "0"], env=ENV,
                                stderr=subprocess.PIPE, text=True)
     try:
         wait_for_file(ready, process)
@@ -60,6 +64,30 @@ def test_a_second_sigterm_exits_at_once_by_the_signal(tmp_path):
         process.kill()
     assert process.returncode == -signal.SIGTERM
     assert "Received SIGTERM: finishing this step" in stderr and "Second SIGTERM: exiting at once" in stderr
+
+
+def test_the_launchers_copy_of_the_same_signal_is_not_a_second_request(tmp_path):
+    """SLURM signals a job step's every process and torchrun forwards the same signal to its workers: a repeat
+    within the window is one stop, and the run goes on to save."""
+    ready, requested = tmp_path / "ready", tmp_path / "requested"
+    process = subprocess.Popen([sys.executable, "-c", ENDLESS_STEPS, str(ready), str(requested), "3600"], env=ENV,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(ready, process)
+        process.send_signal(signal.SIGTERM)
+        wait_for_file(requested, process)
+        process.send_signal(signal.SIGTERM)
+        said = []
+        for line in process.stderr:  # until the guard says what it made of the copy, or the process ends
+            said.append(line)
+            if "copy of the same stop" in line:
+                break
+        assert process.poll() is None, "".join(said)  # still running: it goes on to save
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert said[-1].startswith("SIGTERM again within 3600 s: taken as the launcher's copy of the same stop")
+    assert not any("Second" in line for line in said)
 
 
 def test_under_torchrun_a_sigterm_lets_the_upload_finish_in_its_grace_period_and_the_workers_exit(tmp_path):

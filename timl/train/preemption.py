@@ -1,5 +1,10 @@
 """Graceful stops: the first SIGTERM or SIGINT asks the run to save and exit after the current step; a second
-one exits at once."""
+one exits at once.
+
+A launcher forwards to its workers the signal that their process group already got: SLURM signals every process of
+a job step and torchrun passes the same signal on; Ctrl-C reaches torchrun and its workers together and torchrun
+forwards it. So a worker often receives one stop twice within milliseconds. A repeat within DUPLICATE_SECONDS of
+the first is that copy, and is ignored; only a later one is a second request."""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 logger = logging.getLogger(__name__)
+
+DUPLICATE_SECONDS = 2.0
 
 
 class PreemptionGuard:
@@ -18,6 +26,7 @@ class PreemptionGuard:
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.received: signal.Signals | None = None
+        self.received_at = 0.0
         self._previous: dict[signal.Signals, object] = {}
 
     @property
@@ -38,11 +47,15 @@ class PreemptionGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if self.received is not None and time.monotonic() - self.received_at < DUPLICATE_SECONDS:
+            logger.warning("%s again within %.0f s: taken as the launcher's copy of the same stop; still saving.",
+                           name, DUPLICATE_SECONDS)
+            return
         if self.received is not None:
             logger.error("Second %s: exiting at once, without saving.", name)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.received = signal.Signals(signum)
+        self.received, self.received_at = signal.Signals(signum), time.monotonic()
         logger.warning("Received %s: finishing this step, then saving a checkpoint and exiting. Send it again to "
                        "exit at once.", name)
