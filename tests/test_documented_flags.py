@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console", "zsh"}
 LAUNCHERS = {"python", "python3", "torchrun", "accelerate"}
+# SLURM's options that the docs name in prose (sbatch's and squeue's; tests/test_slurm.py checks each against the
+# real commands' --help).
+SLURM_FLAGS = frozenset({"--nodes", "--requeue", "--signal", "--gpus-per-node", "--ntasks-per-node",
+                         "--time", "--cpus-per-task"})
 SCRIPT_FOLDERS = ("recipes/", "examples/")
 ENVIRONMENT_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
@@ -103,6 +107,9 @@ def find_command(words: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
         words = words[1:]
         while words and words[0].startswith("-"):
             words.pop(0)
+    if words[:1] == ["sbatch"]:  # SLURM's submission: its options, the job script, then what the script passes on
+        script = next((index for index, word in enumerate(words) if word.endswith(".sbatch")), None)
+        return None if script is None else (("module", "timl", "train"), words[script + 1:])
     if words[:2] in (["bash", "-c"], ["sh", "-c"]) and len(words) > 2:
         try:
             return find_command(shlex.split(words[2]))
@@ -239,7 +246,7 @@ def every_known_flag() -> frozenset[str]:
     flags = set().union(*(command_flags(("module", "timl", name)) for name in ("train", "tokenize", "plot")))
     for parser in (launch_command_parser(), get_args_parser()):
         flags |= {option for action in parser._actions for option in action.option_strings}
-    return frozenset(flags)
+    return frozenset(flags | SLURM_FLAGS)
 
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=[str(path.relative_to(ROOT)) for path in DOCUMENTS])

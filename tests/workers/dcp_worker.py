@@ -8,8 +8,9 @@
   shared OUTPUT_DIR RESULT_DIR
       Runs timl.checkpoint.manager.check_shared_output_dir on OUTPUT_DIR; writes RESULT_DIR/rank{R}.txt: 'ok' or the error.
   pause ARGS...
-      pretrain() with the recipe's ARGS, pausing forever in the save of step 6 after the DCP shards and before the
-      marker (announced by a file `paused` in output_dir), so that a test can kill it there.
+      pretrain() with the recipe's ARGS, pausing forever in the save of step 6 (or $TIML_PAUSE_AT_STEP) after the
+      DCP shards and before the marker (announced by a file `paused` in output_dir), so that a test can kill it
+      there. Only once: where `paused` exists, as in a requeued job's second run, it trains through.
   stop_writing_on_rank_1 RESULT_DIR ARGS...
       pretrain() with the recipe's ARGS, on whose rank 1 every file write fails with EFBIG from step 3 on (a file size
       limit of 0 bytes, which binds root too). Writes RESULT_DIR/rank{R}.txt: 'finished' or the error.
@@ -144,11 +145,14 @@ def pause(*argv: str) -> None:
     from timl.train.pretrain import pretrain
 
     real = checkpoint.save_training_state
+    step = os.environ.get("TIML_PAUSE_AT_STEP", "6")
 
     def pausing(directory, **kwargs):
         real(directory, **kwargs)
-        if Path(directory).name == ".step6.tmp":
-            (Path(directory).parent / "paused").touch()
+        marker = Path(directory).parent / "paused"
+        if Path(directory).name == f".step{step}.tmp" and not marker.exists():
+            dist.barrier() if dist.is_initialized() else None  # every rank has written its shard
+            marker.touch()
             time.sleep(3600)
 
     checkpoint.save_training_state = pausing

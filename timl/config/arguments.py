@@ -355,7 +355,9 @@ class CheckpointArguments:
     save_every_steps: int = _arg(1000, "Save a checkpoint every this many steps; 0 saves only at the end.")
     save_total_limit: int | None = _arg(None, "Keep only the newest this many step{N} checkpoints locally (never one "
                                               "still uploading; main is always kept). Default: keep all.")
-    resume_from_checkpoint: str | None = _arg(None, "A checkpoint folder, or 'latest', to continue from.")
+    resume_from_checkpoint: str | None = _arg(None, "A checkpoint folder to continue from, or 'latest': the newest "
+                                                    "complete checkpoint in output_dir, or a fresh start where there "
+                                                    "is none yet, so that a requeued job runs the same command.")
 
     def problems(self) -> list[str]:
         return _not_negative(self, "save_every_steps") + _positive(self, "save_total_limit", optional=True)
