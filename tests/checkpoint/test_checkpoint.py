@@ -194,6 +194,16 @@ def test_keep_last_n_keeps_the_newest_and_main(data):
     assert names == ["main", "step6", "step8"]
 
 
+def test_latest_and_keep_last_n_go_by_step_number_not_by_folder_name(data):
+    """Saves at steps 3, 6, 9 and 12, whose folder names differ in width: by name step12 sorts before step3, so
+    keep-last-2 would keep step6 beside step9 and step12, and latest would pick step9."""
+    run = data / "run"
+    pretrain(ModelArguments(config_overrides=TINY_GPT2),
+             tiny_args(data, max_train_steps=12, save_every_steps=3, save_total_limit=2))
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["main", "step12", "step9"]
+    assert checkpoint.resolve("latest", run) == run / "step12"
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step

@@ -108,3 +108,14 @@ def test_resume_with_other_weights_or_sources_is_refused(sources):
         MixtureLoader(changed, block_size=BLOCK, per_device_batch_size=2).load_state_dict(state)
     with pytest.raises(ShardError, match="saved by a single-source loader"):
         loader.load_state_dict({"position": 0, "files": []})
+
+
+def test_resume_with_the_same_sources_in_another_order_is_refused(sources):
+    """The order decides the schedule and each source's shuffle seed, so the same names and weights listed the other
+    way round would read other sequences from the same position."""
+    loader = MixtureLoader(sources, block_size=BLOCK, per_device_batch_size=2)
+    sequences(loader, 3)
+    state = json.loads(json.dumps(loader.state_dict()))  # through JSON, as a checkpoint keeps it
+    reversed_order = {"code": sources["code"], "web": sources["web"]}
+    with pytest.raises(ShardError, match="saved with the mixture web:0.7, code:0.3, not code:0.3, web:0.7"):
+        MixtureLoader(reversed_order, block_size=BLOCK, per_device_batch_size=2).load_state_dict(state)

@@ -152,10 +152,13 @@ class MixtureLoader(GlobalBatches):
         current = dict(zip(self.names, self.weights))
         if {name: entry["weight"] for name, entry in saved.items()} != current or list(saved) != self.names:
             described = lambda mix: ", ".join(f"{name}:{weight:g}" for name, weight in mix.items())
-            raise ShardError(f"The loader state was saved with the mixture {described({n: e['weight'] for n, e in saved.items()})}, "
-                             f"not {described(current)}; resume with the same sources and weights.")
+            saved_mixture = described({name: entry["weight"] for name, entry in saved.items()})
+            # The order sets the schedule and each source's shuffle seed, so it must match too.
+            raise ShardError(f"The loader state was saved with the mixture {saved_mixture}, not {described(current)}; "
+                             f"resume with the same sources and weights, in the same order.")
         if state.get("block_size", self.block_size) != self.block_size:
-            raise ShardError(f"The loader state was saved with block_size {state['block_size']}, not {self.block_size}.")
+            raise ShardError(f"The loader state was saved with block_size {state['block_size']}, "
+                             f"not {self.block_size}.")
         for name, source in zip(self.names, self.sources):
             source.check_state(saved[name])
         self.position = int(state["position"])
