@@ -116,6 +116,23 @@ def test_what_needs_the_logits_sends_auto_to_them_and_a_named_head_path_is_refus
         choose_training_loss(model, "fastest", CPU, {})
 
 
+def test_a_model_with_dropout_in_training_mode_passes_the_head_probe(caplog):
+    """GPT-2's default dropout (0.1) is on in training mode, where two forwards differ. The probe must run in eval
+    mode: else the head fails it, training falls back to the logits path and the GPU loses the chunked head's memory
+    saving, with the loss still exact and only a warning to tell."""
+    torch.manual_seed(0)
+    model = build_model(build_config("gpt2", TINY_GPT2 + ",resid_pdrop=0.1,embd_pdrop=0.1,attn_pdrop=0.1"))
+    assert model.training
+    # The selector reads only the device's type (the probe runs where the weights are), so a CUDA device asks for
+    # the GPU's choice on the CPU.
+    with caplog.at_level(logging.WARNING, logger="timl.loss.select"):
+        on_gpu = choose_training_loss(model, "auto", torch.device("cuda"), {})
+        on_cpu = choose_training_loss(model, "auto", CPU, {})
+    assert (on_gpu.path, on_gpu.head) == ("chunked", Head()) and (on_cpu.path, on_cpu.head) == ("full", Head())
+    assert [record.getMessage() for record in caplog.records if record.name == "timl.loss.select"] == []
+    assert all(module.training for module in model.modules())
+
+
 def test_a_fused_kernels_options_go_to_its_path_only(monkeypatch):
     model = tiny_gpt2()
     monkeypatch.setattr("timl.loss.select.fused_kernel_missing", lambda path, device: None)

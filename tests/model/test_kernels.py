@@ -1,4 +1,5 @@
-"""Loss paths and vocab padding: exact on the CPU, and against an fp32 reference on the GPU."""
+"""Loss paths and vocab padding: exact on the CPU, and against an fp32 reference on the GPU. Which layers FP8 converts,
+and with which scaling: on the CPU, since only the FP8 forward needs a GPU."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from architectures import tiny_config
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.config import ModelArguments, TrainingArguments
 from timl.loss.cross_entropy import linear_cross_entropy
@@ -19,6 +21,7 @@ from timl.model.forward import TrainingLoss, head_loss
 from timl.model.build import build_config, build_model, pad_vocab
 from timl.model.forward import CausalLMForTraining
 from timl.model.head import Head
+from timl.model.kernels import convert_to_fp8, fp8_module_filter
 from timl.train.pretrain import pretrain
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,6 +88,75 @@ def test_training_on_a_padded_vocab_saves_the_padded_config_and_evaluates_the_re
     logged = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r][-1]["eval_loss"]
     assert logged == pytest.approx(expected, rel=1e-5)
 
+
+
+# Sizes FP8's matmul cannot take, each on one side: gate_proj and up_proj put out 40, down_proj takes 40 in, and one
+# key/value head of 8 makes k_proj and v_proj put out 8. Only the attention's q_proj and o_proj (32 by 32) are left.
+LLAMA_FP8_LAYERS = [f"model.layers.{layer}.self_attn.{name}" for layer in range(2) for name in ("q_proj", "o_proj")]
+FP8_CASES = [  # family, vocab size, output head asked for, the layers that convert
+    ("llama", 64, False, LLAMA_FP8_LAYERS),
+    ("llama", 64, True, [*LLAMA_FP8_LAYERS, "lm_head"]),
+    ("llama", 60, True, LLAMA_FP8_LAYERS),  # a head of 60 rows stays in bf16 even when asked for
+    ("gpt2", 64, False, []),  # GPT-2's decoder is transformers' Conv1D, not torch.nn.Linear
+    ("gpt2", 64, True, ["lm_head"]),
+]
+
+
+def fp8_test_model(family: str, vocab_size: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    config.vocab_size = vocab_size
+    if family == "llama":
+        config.intermediate_size, config.num_key_value_heads = 40, 1
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(("family", "vocab_size", "output_head", "expected"), FP8_CASES)
+def test_the_fp8_filter_picks_linear_layers_fp8_can_take_and_the_head_only_when_asked(family, vocab_size,
+                                                                                        output_head, expected):
+    model = fp8_test_model(family, vocab_size)
+    convertible = fp8_module_filter(model, output_head)
+    assert [name for name, module in model.named_modules() if convertible(module, name)] == expected
+
+
+def test_an_fp8_head_is_refused_for_a_model_without_a_linear_head():
+    with pytest.raises(ValueError, match="output head is missing, not a torch.nn.Linear"):
+        fp8_module_filter(torch.nn.Sequential(torch.nn.Linear(32, 32)), output_head=True)
+
+
+@pytest.mark.parametrize("output_head", [False, True])
+def test_fp8_refuses_a_model_with_no_decoder_layer_it_can_take(output_head):
+    """GPT-2's decoder is Conv1D: converting its head alone, or nothing, would train it in bf16 while saying FP8."""
+    with pytest.raises(ValueError, match="--fp8 tensorwise: GPT2LMHeadModel has no layer in its decoder that FP8"):
+        convert_to_fp8(fp8_test_model("gpt2", 64), "tensorwise", output_head)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize(("family", "vocab_size", "output_head", "expected"),
+                         [case for case in FP8_CASES if case[0] != "gpt2"])
+def test_fp8_converts_exactly_the_chosen_layers_with_the_recipes_scaling(family, vocab_size, output_head, expected,
+                                                                        recipe):
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.config import ScalingGranularity
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = fp8_test_model(family, vocab_size)
+    linear_layers = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
+    assert convert_to_fp8(model, recipe, output_head) == expected
+    modules = dict(model.named_modules())
+    assert [name for name in linear_layers if type(modules[name]) is Float8Linear] == expected
+    assert all(type(modules[name]) is torch.nn.Linear for name in linear_layers if name not in expected)
+    # Rowwise scales each row of a tensor on its own (torchao calls that axiswise), tensorwise the whole of it.
+    granularity = {"tensorwise": ScalingGranularity.TENSORWISE, "rowwise": ScalingGranularity.AXISWISE}[recipe]
+    for name in expected:
+        config = modules[name].config
+        assert config.cast_config_input.scaling_granularity == granularity
+        assert config.cast_config_weight.scaling_granularity == granularity
+    # A converted head tied to the input embedding must still train that one weight.
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == model.config.tie_word_embeddings
 
 @cuda
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,29 +49,47 @@ def apply_liger(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
 
 
 def apply_fp8(model: torch.nn.Module, recipe: str, device: torch.device, output_head: bool = False) -> str:
-    """Converts the decoder's linear layers to torchao's float8 training (`recipe`: tensorwise or rowwise). The
-    output head stays in bf16 (its logits feed the loss) unless `output_head`; layers whose sizes are not multiples
-    of 16, which the FP8 matmul needs, always do."""
+    """Converts the decoder's linear layers to torchao's float8 training (`recipe`: tensorwise or rowwise), on a GPU
+    that can run them; convert_to_fp8 says which layers. Returns what was applied."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
         raise ValueError(f"--fp8 {recipe} needs a GPU with FP8 tensor cores (compute capability 8.9 or more: H100, "
                          f"H200, L40S, B200); this run is on {name}.")
     if importlib.util.find_spec("torchao") is None:
         raise ValueError("--fp8 needs torchao: pip install torchao")
+    converted = convert_to_fp8(model, recipe, output_head)
+    return f"fp8 {recipe} on {len(converted)} linear layers" + (", the output head among them" if output_head else "")
+
+
+def convert_to_fp8(model: torch.nn.Module, recipe: str, output_head: bool = False) -> list[str]:
+    """Swaps the layers that fp8_module_filter picks for torchao's Float8Linear under `recipe`'s scaling. Only their
+    forward needs FP8 tensor cores, so which layers convert, and how, can be checked on the CPU. Returns their names."""
+    convertible = fp8_module_filter(model, output_head)
+    converted = [name for name, module in model.named_modules() if convertible(module, name)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not [name for name in converted if model.get_submodule(name) is not head]:
+        raise ValueError(f"--fp8 {recipe}: {type(model).__name__} has no layer in its decoder that FP8 can take (a "
+                         f"torch.nn.Linear whose sizes are multiples of 16; GPT-2's are transformers' Conv1D): "
+                         f"train it without --fp8")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=convertible)
+    return converted
+
+
+def fp8_module_filter(model: torch.nn.Module, output_head: bool = False) -> Callable[[torch.nn.Module, str], bool]:
+    """torchao's module filter for FP8 training: the model's torch.nn.Linear layers, so not GPT-2's Conv1D. The output
+    head stays in bf16 (its logits feed the loss) unless `output_head`; layers whose sizes are not multiples of 16,
+    which the FP8 matmul needs, always do."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output_head and not isinstance(head, torch.nn.Linear):
         raise ValueError(f"--fp8 with the head: {type(model).__name__}'s output head is "
                          f"{type(head).__name__ if head is not None else 'missing'}, not a torch.nn.Linear")
-    if output_head:
-        head = None
+    kept_in_bf16 = None if output_head else head
 
     def convertible(module: torch.nn.Module, name: str) -> bool:
-        return (isinstance(module, torch.nn.Linear) and module is not head
+        return (isinstance(module, torch.nn.Linear) and module is not kept_in_bf16
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
-    converted = sum(convertible(module, name) for name, module in model.named_modules())
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=convertible)
-    return f"fp8 {recipe} on {converted} linear layers" + (", the output head among them" if output_head else "")
+    return convertible
