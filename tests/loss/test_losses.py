@@ -16,7 +16,7 @@ from conftest import TINY_GPT2, read_metrics
 from timl.config import ModelArguments
 from timl.train.pretrain import make_model, pretrain
 from timl.train.trainer import Trainer
-from uneven_batches import UnevenLoader, micro_batch_mean_loss, token_mean_loss, train_args
+from uneven_batches import GradientRecorder, UnevenLoader, micro_batch_mean_loss, token_mean_loss, train_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,22 +56,10 @@ def test_two_ranks_with_uneven_label_counts_log_the_token_mean_of_the_step(tmp_p
            "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "tests" / "workers" / "uneven_batches.py"), str(tmp_path), path], env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     expected, _ = independent_losses(train_args(tmp_path / "reference"))  # tmp_path now holds the run
     assert first_step(tmp_path)["train_loss"] == pytest.approx(expected, rel=1e-6)
-
-
-class GradientRecorder(torch.optim.SGD):
-    """SGD that keeps the gradients of each step; with lr 0 it leaves the model as it was."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.steps: list[list[torch.Tensor]] = []
-
-    def step(self, closure=None):
-        self.steps.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
-        return super().step(closure)
 
 
 @pytest.mark.parametrize("path", ["full", "chunked", "logits"])

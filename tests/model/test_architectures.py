@@ -187,7 +187,7 @@ def test_weights_asked_for_offline_and_not_cached_get_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache"), "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, str(ROOT / "recipes" / "gpt2_c4.py"), "--from_pretrained",
                              "nobody/no-such-model", "--output_dir", str(tmp_path / "run"), "--report_to", "none"],
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "--from_pretrained 'nobody/no-such-model': not a local folder" in result.stderr
     assert "Offline, download it beforehand" in result.stderr

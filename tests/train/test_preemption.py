@@ -49,17 +49,23 @@ def test_the_first_signal_is_a_request_and_the_previous_handlers_come_back():
     assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
+def endless_steps_after_a_sigterm(tmp_path: Path, duplicate_seconds: str) -> subprocess.Popen:
+    """ENDLESS_STEPS with that window for copies, once it has taken a first SIGTERM as a request and goes on."""
+    ready, requested = tmp_path / "ready", tmp_path / "requested"
+    process = subprocess.Popen([sys.executable, "-c", ENDLESS_STEPS, str(ready), str(requested), duplicate_seconds],
+                               env=ENV, stderr=subprocess.PIPE, text=True)
+    wait_for_file(ready, process)
+    process.send_signal(signal.SIGTERM)
+    wait_for_file(requested, process)
+    return process
+
+
 def test_a_second_sigterm_exits_at_once_by_the_signal(tmp_path):
     """With no window for copies, so that the second signal is a second request however soon it comes."""
-    ready, requested = tmp_path / "ready", tmp_path / "requested"
-    process = subprocess.Popen([sys.executable, "-c", ENDLESS_STEPS, str(ready), str(requested), "0"], env=ENV,
-                               stderr=subprocess.PIPE, text=True)
+    process = endless_steps_after_a_sigterm(tmp_path, "0")
     try:
-        wait_for_file(ready, process)
         process.send_signal(signal.SIGTERM)
-        wait_for_file(requested, process)  # the first one was a request: the loop goes on
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=600)
     finally:
         process.kill()
     assert process.returncode == -signal.SIGTERM
@@ -69,13 +75,8 @@ def test_a_second_sigterm_exits_at_once_by_the_signal(tmp_path):
 def test_the_launchers_copy_of_the_same_signal_is_not_a_second_request(tmp_path):
     """SLURM signals a job step's every process and torchrun forwards the same signal to its workers: a repeat
     within the window is one stop, and the run goes on to save."""
-    ready, requested = tmp_path / "ready", tmp_path / "requested"
-    process = subprocess.Popen([sys.executable, "-c", ENDLESS_STEPS, str(ready), str(requested), "3600"], env=ENV,
-                               stderr=subprocess.PIPE, text=True)
+    process = endless_steps_after_a_sigterm(tmp_path, "3600")
     try:
-        wait_for_file(ready, process)
-        process.send_signal(signal.SIGTERM)
-        wait_for_file(requested, process)
         process.send_signal(signal.SIGTERM)
         said = []
         for line in process.stderr:  # until the guard says what it made of the copy, or the process ends
@@ -85,7 +86,7 @@ def test_the_launchers_copy_of_the_same_signal_is_not_a_second_request(tmp_path)
         assert process.poll() is None, "".join(said)  # still running: it goes on to save
     finally:
         process.kill()
-        process.communicate(timeout=60)
+        process.communicate(timeout=600)
     assert said[-1].startswith("SIGTERM again within 3600 s: taken as the launcher's copy of the same stop")
     assert not any("Second" in line for line in said)
 

@@ -8,9 +8,9 @@ import functools
 import inspect
 import json
 import os
-import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,11 @@ from transformers.trainer_utils import SchedulerType
 
 import nonfinite_worker
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
+from uneven_batches import GradientRecorder, UnevenLoader, global_batch, micro_batch_mean_loss, token_mean_loss
 from timl.checkpoint import manager as checkpoint
 from timl.config import ModelArguments, TrainingArguments, parse_args
 from timl.config.arguments import METRIC_SCHEDULERS
+from timl.report import summary
 from timl.report.metrics import Accuracy, Perplexity
 from timl.optim import OptimizerSet
 from timl.train.pretrain import make_model, pretrain
@@ -134,17 +136,23 @@ def test_custom_loss_and_metrics_are_called_at_train_and_eval(data):
 
 
 def test_a_micro_batch_mean_loss_weighs_in_by_its_tokens(data):
-    """The same data and seed give the same losses with the default loss and with a two-argument mean loss."""
+    """Four micro-batches a step hold 17, 5, 29 and 6 labelled positions of 32 (-100 elsewhere). The first step logs
+    the token mean of one forward, and the same data and seed give the same losses, step after step, with the
+    default loss and with a two-argument mean loss: its gradients too weigh in by labelled tokens, not positions."""
     data_dir, _ = data
-
-    def mean_loss(outputs, inputs):
-        return F.cross_entropy(outputs.logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=-100)
-
-    first = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=3,
-                                                                           log_every_steps=1))
-    second = pretrain(ModelArguments(config_overrides=TINY_GPT2), tiny_args(data_dir, max_train_steps=3,
-                      log_every_steps=1, output_dir=str(data_dir / "run2")), compute_loss_func=mean_loss)
-    assert first["train_loss"] == pytest.approx(second["train_loss"], rel=1e-5)
+    _, labels = global_batch(step=0)
+    assert (labels != -100).view(4, -1).sum(dim=1).tolist() == [17, 5, 29, 6]
+    losses = {}
+    for name, loss in (("default", None), ("mean", micro_batch_mean_loss)):
+        args = tiny_args(data_dir, output_dir=str(data_dir / name), per_device_train_batch_size=2, max_train_steps=3,
+                         log_every_steps=1, eval_every_steps=0)
+        pretrain(ModelArguments(config_overrides=TINY_GPT2), args, train_loader_factory=UnevenLoader,
+                 compute_loss_func=loss)
+        losses[name] = [r["train_loss"] for r in read_metrics(data_dir / name) if "train_loss" in r]
+    with torch.no_grad():
+        token_mean = token_mean_loss(make_model(ModelArguments(config_overrides=TINY_GPT2), args)).item()
+    assert losses["default"][0] == pytest.approx(token_mean, rel=1e-6)
+    assert len(losses["mean"]) == 3 and losses["mean"] == pytest.approx(losses["default"], rel=1e-5)
 
 
 def run_recipe(argv: list[str], env_extra: dict[str, str] | None = None, torchrun: bool = False):
@@ -152,31 +160,39 @@ def run_recipe(argv: list[str], env_extra: dict[str, str] | None = None, torchru
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
         else [sys.executable]
     return subprocess.run([*launcher, str(ROOT / "recipes" / "gpt2_c4.py"), *argv], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
 
 
-def recipe_argv(data_dir: Path, output_dir: Path, per_device: int) -> list[str]:
-    return ["--model_name", "gpt2", "--config_overrides", TINY_GPT2, "--output_dir", str(output_dir),
-            "--train_file_pattern", str(data_dir / "train_*.bin"), "--eval_file_pattern",
-            str(data_dir / "validation_*.bin"), "--block_size", "16", "--train_batch_size", "8",
-            "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "4",
-            "--max_train_steps", "6", "--log_every_steps", "1", "--eval_every_steps", "3", "--save_every_steps", "0",
-            "--report_to", "none", "--optim", "adamw_torch", "--learning_rate", "3e-3"]
+def recipe_argv(data_dir: Path, output_dir: Path, per_device: int, **flags: str) -> list[str]:
+    """The recipe's command line for a tiny run; `flags` (name: value) replace or add to the defaults."""
+    values = {"model_name": "gpt2", "config_overrides": TINY_GPT2, "output_dir": str(output_dir),
+              "train_file_pattern": str(data_dir / "train_*.bin"),
+              "eval_file_pattern": str(data_dir / "validation_*.bin"), "block_size": "16", "train_batch_size": "8",
+              "per_device_train_batch_size": str(per_device), "per_device_eval_batch_size": "4",
+              "max_train_steps": "6", "log_every_steps": "1", "eval_every_steps": "3", "save_every_steps": "0",
+              "report_to": "none", "optim": "adamw_torch", "learning_rate": "3e-3", **flags}
+    return [word for name, value in values.items() for word in (f"--{name}", value)]
 
 
 def test_two_processes_over_gloo_match_one_process_with_twice_the_accumulation(data):
+    """The two ranks log the losses of one process, step after step, and its grad norms. AdamW alone would cancel a
+    gradient's scale: with an epsilon above every element of the gradient (most are about 0.01, the largest 0.4) and
+    no clipping, its update is about lr / epsilon × the gradient's momentum, so ranks that weighed their shares of
+    the loss wrongly would train another model, and log other losses."""
     data_dir, _ = data
+    in_proportion = dict(adam_epsilon="1", learning_rate="0.1", max_grad_norm="0")
     # The one-process run is made in this process (a launch costs seconds of imports); the two ranks are launched.
-    pretrain(*parse_args(ModelArguments, TrainingArguments, argv=recipe_argv(data_dir, data_dir / "one", per_device=2)))
-    double = run_recipe(recipe_argv(data_dir, data_dir / "two", per_device=2), {"ACCELERATE_USE_CPU": "true"},
-                        torchrun=True)
+    pretrain(*parse_args(ModelArguments, TrainingArguments,
+                         argv=recipe_argv(data_dir, data_dir / "one", per_device=2, **in_proportion)))
+    double = run_recipe(recipe_argv(data_dir, data_dir / "two", per_device=2, **in_proportion),
+                        {"ACCELERATE_USE_CPU": "true"}, torchrun=True)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = read_metrics(data_dir / "one"), read_metrics(data_dir / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):
-        for key in ("train_loss", "eval_loss", "grad_norm"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # The losses first: a wrong weighting must show in them, not only in the grad norm.
+    for key in ("train_loss", "eval_loss", "grad_norm"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5), key
+    assert sum("train_loss" in r for r in one) == 6 and sum("eval_loss" in r for r in one) == 3
 
 
 ORIGINAL_COMMAND = (
@@ -353,7 +369,7 @@ def test_resuming_a_finished_run_writes_nothing_and_says_so(data, capsys):
     assert files() == written
 
 
-def test_the_summary_after_a_resume_covers_the_whole_run(data, tmp_path, capsys):
+def test_the_summary_after_a_resume_covers_the_whole_run(data, tmp_path, capsys, monkeypatch):
     """The first session stops at step 3 of 6; the second one evaluates another eval set (random tokens, so a higher
     loss): the best eval loss is the first session's, and tokens and time are the whole run's."""
     data_dir, _ = data
@@ -376,19 +392,32 @@ def test_the_summary_after_a_resume_covers_the_whole_run(data, tmp_path, capsys)
     checkpoint_seconds = json.loads((data_dir / "run" / "step3" / "trainer_state.json").read_text())[
         "run_state"]["elapsed_seconds"]
     capsys.readouterr()
+    render, clock_readings = summary.render, []
+
+    def render_at_one_moment(state, *args, **kwargs):
+        # The clock stands still while the summary is written, so that the test knows the very seconds it shows:
+        # the shown text rounds them (to whole seconds from 10 s), and a tolerance would have to guess the rounding.
+        now = time.perf_counter()
+        clock_readings.append((state.seconds_before_session, now - state.session_started))
+        with monkeypatch.context() as stopped_clock:
+            stopped_clock.setattr(time, "perf_counter", lambda: now)
+            return render(state, *args, **kwargs)
+
+    monkeypatch.setattr(summary, "render", render_at_one_moment)
     run("random", resume_from_checkpoint="latest")
-    summary = capsys.readouterr().out
-    first = re.search(r"timl: trained on ([\d,]+) tokens in ([\d.]+) s \(this session: steps 3 to 6, ([\d,]+) tokens "
-                      r"in ([\d.]+) s\)\.", summary)
-    assert first, summary
-    assert first[1] == f"{6 * 128:,}" and first[3] == f"{3 * 128:,}"
-    assert float(first[2]) == pytest.approx(checkpoint_seconds + float(first[4]), abs=0.15)
+    printed = capsys.readouterr().out
+    [(before_session, session_seconds)] = clock_readings
+    assert before_session == checkpoint_seconds  # the first session's time, as its checkpoint kept it
+    assert (f"timl: trained on {6 * 128:,} tokens in {summary.format_seconds(before_session + session_seconds)} "
+            f"(this session: steps 3 to 6, {3 * 128:,} tokens in {summary.format_seconds(session_seconds)}).\n"
+            in printed), printed
     evals = {r["step"]: r["eval_loss"] for r in read_metrics(data_dir / "run") if "eval_loss" in r}
     assert list(evals) == [0, 3, 6] and evals[3] < evals[6]
-    assert f"best eval loss {evals[3]:.4f} at step 3" in summary
-    # elapsed_seconds goes on from the checkpoint's, across sessions.
+    assert f"best eval loss {evals[3]:.4f} at step 3" in printed
+    # elapsed_seconds goes on from the checkpoint's, across sessions, up to the summary's.
     resumed = [r["elapsed_seconds"] for r in read_metrics(data_dir / "run") if r["step"] > 3]
-    assert resumed == sorted(resumed) and resumed[0] > checkpoint_seconds
+    assert resumed == sorted(resumed) and checkpoint_seconds < resumed[0]
+    assert resumed[-1] <= before_session + session_seconds
     # So do the timed steps behind the mean tokens/s: each session times all its steps but its first.
     timed = lambda step: json.loads((data_dir / "run" / f"step{step}" / "trainer_state.json").read_text())[
         "run_state"]["timed_tokens"]
@@ -431,8 +460,9 @@ def test_an_exception_mid_run_closes_the_trackers_and_lets_pending_uploads_finis
     ended = []
     end_training = Accelerator.end_training
     monkeypatch.setattr(Accelerator, "end_training", lambda self: (ended.append(True), end_training(self))[1])
+    # The trainer's wait for the pending upload, long enough that only a hung upload (a broken test) runs out of it.
     args = tiny_args(data_dir, max_train_steps=8, save_every_steps=4, eval_every_steps=0, train_batch_size=4,
-                     push_to_hub=True, hub_target=str(uploads))
+                     push_to_hub=True, hub_target=str(uploads), preemption_upload_seconds=600.0)
     factory = lambda args, accelerator: FailsAtBatch(train_loader(args, accelerator, vocab_size=64, seed=0), 5)
     from timl.train.callbacks import TrainerCallback
 
@@ -487,6 +517,32 @@ def test_grad_norm_is_logged_when_clipping_is_off(data):
         norms[max_grad_norm] = [r["grad_norm"] for r in read_metrics(output_dir) if "grad_norm" in r]
     assert all(norm > 0 for norm in norms[0.0])
     assert norms[0.0] == pytest.approx(norms[1e9], rel=1e-6)
+
+
+def test_clipping_scales_the_gradient_of_every_step_down_to_max_grad_norm(data):
+    """Four micro-batches a step, and a bound below a thousandth of the gradient norm: the optimizer gets each step's
+    whole gradient, in its own direction, scaled to the bound. The optimizer's lr is 0, so the runs with and without
+    clipping see the same model and data; the logged norm is the one before clipping."""
+    data_dir, _ = data
+    bound = 1e-3
+    gradients, logged = {}, {}
+    for max_grad_norm in (0.0, bound):
+        args = tiny_args(data_dir, output_dir=str(data_dir / f"clip{max_grad_norm}"), max_grad_norm=max_grad_norm,
+                         per_device_train_batch_size=2, max_train_steps=3, log_every_steps=1, eval_every_steps=0)
+        model = make_model(ModelArguments(config_overrides=TINY_GPT2), args)
+        recorder = GradientRecorder(model.parameters(), lr=0.0)
+        Trainer(model, args, optimizers=(recorder, None)).train()
+        # The three training steps come first; saving adds a step on zero gradients (DCP fills the optimizer state).
+        gradients[max_grad_norm] = recorder.steps[:3]
+        logged[max_grad_norm] = [r["grad_norm"] for r in read_metrics(data_dir / f"clip{max_grad_norm}")
+                                 if "grad_norm" in r]
+    assert len(logged[0.0]) == 3 and logged[bound] == pytest.approx(logged[0.0], rel=1e-6)
+    for whole, clipped, norm in zip(gradients[0.0], gradients[bound], logged[0.0]):
+        assert torch.cat([g.flatten() for g in whole]).norm().item() == pytest.approx(norm, rel=1e-5)
+        assert norm > 1000 * bound
+        assert torch.cat([g.flatten() for g in clipped]).norm().item() == pytest.approx(bound, rel=1e-5)
+        for got, want in zip(clipped, whole):
+            torch.testing.assert_close(got * (norm / bound), want, rtol=1e-4, atol=1e-7)
 
 
 def test_step_signals_are_read_one_step_late_or_at_once_before_a_save():
@@ -580,7 +636,8 @@ def test_with_two_processes_a_nan_on_one_rank_stops_both_at_the_same_step(data):
     data_dir, _ = data
     output_dir = data_dir / "run"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "workers" / "nonfinite_worker.py"), str(data_dir), str(output_dir), "1", "3", "0"],
+                           str(ROOT / "tests" / "workers" / "nonfinite_worker.py"), str(data_dir), str(output_dir),
+                           "1", "3", "0"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
                                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})

@@ -1,5 +1,5 @@
-"""Batches whose sequences carry very different numbers of labels, for the tests of exact token-weighted means; and a
-training process for those tests to launch under torchrun:
+"""Batches whose sequences carry very different numbers of labels, for the tests of exact token-weighted means; an
+optimizer that keeps the gradients it is given; and a training process for those tests to launch under torchrun:
 
   uneven_batches.py OUTPUT_DIR
       Trains one step on the uneven batches with the default loss, logging its train loss to OUTPUT_DIR/metrics.jsonl.
@@ -61,6 +61,19 @@ class UnevenLoader:
 def micro_batch_mean_loss(outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """A user's loss of the two-argument kind: the mean over this micro-batch's labelled tokens."""
     return F.cross_entropy(outputs.logits.flatten(0, 1).float(), inputs["labels"].flatten(), ignore_index=-100)
+
+
+class GradientRecorder(torch.optim.SGD):
+    """SGD that keeps the gradients of each step, as the trainer hands them over (accumulated, clipped); with lr 0 it
+    leaves the model as it was."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.steps.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        return super().step(closure)
 
 
 def token_mean_loss(model: torch.nn.Module, step: int = 0, z_loss_coefficient: float = 0.0,

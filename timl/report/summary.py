@@ -12,11 +12,11 @@ def render(state: TrainerState, output_dir: str, hub: Any, *, flops_per_token: f
            processes: int, main_written: bool) -> str:
     """`hub` is the hub group of the arguments: where the uploads went, if anywhere."""
     stopped = state.stopped_by and state.step < state.total_steps
-    whole = f"{state.tokens:,} tokens in {_seconds(state.elapsed_seconds)}"
+    whole = f"{state.tokens:,} tokens in {format_seconds(state.elapsed_seconds)}"
     if state.session_start_step:
         session_tokens = (state.step - state.session_start_step) * state.tokens_per_step
         whole += (f" (this session: steps {state.session_start_step} to {state.step}, {session_tokens:,} tokens in "
-                  f"{_seconds(state.session_seconds)})")
+                  f"{format_seconds(state.session_seconds)})")
     if stopped:
         lines = [f"timl: stopped by {state.stopped_by} at step {state.step} of {state.total_steps}, after {whole}."]
     else:
@@ -57,5 +57,6 @@ def nothing_to_do(saved: dict[str, Any], output_dir: str, total_steps: int) -> s
     return f"timl: {saved['path']} is at step {step}, and these arguments ask for {total_steps} steps; nothing to do."
 
 
-def _seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+    """A duration as the summary shows it: tenths below 10 s, whole seconds from 10 s."""
     return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
