@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ntiml: unknown subcommand {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    if argv[0] == "train":
+        # A bad or removed flag, a bad value and --help end here, before the training code imports torch (seconds).
+        from timl.config.arguments import ModelArguments, TrainingArguments
+        from timl.config.parsing import parse_args
+
+        parse_args(ModelArguments, TrainingArguments, argv=argv[1:])
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
 

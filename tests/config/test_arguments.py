@@ -135,6 +135,19 @@ def test_importing_and_parsing_the_arguments_imports_no_torch(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
+def test_timl_train_refuses_a_bad_flag_before_it_imports_torch():
+    code = ("import sys\n"
+            "from timl.cli import main\n"
+            "try:\n"
+            "    main(['train', '--learning_rate', 'fast'])\n"
+            "except SystemExit as exit:\n"
+            "    print(exit.code, sorted(name for name in sys.modules if name.split('.')[0] == 'torch'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert "--learning_rate" in result.stderr
+
+
 def test_the_scheduler_and_tracker_names_are_transformers_and_accelerates():
     from accelerate.utils import LoggerType
     from transformers.trainer_utils import SchedulerType
