@@ -51,7 +51,7 @@ def test_each_dataclass_is_a_section_headed_by_its_docstring():
 def test_python_m_timl_docs_prints_the_file():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "timl.docs"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout == arguments_doc()
 
@@ -59,7 +59,7 @@ def test_python_m_timl_docs_prints_the_file():
 def help_text(command: list[str]) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     return " ".join(result.stdout.split())
 

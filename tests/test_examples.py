@@ -32,7 +32,7 @@ def run_example(name: str, data: Path, output_dir: Path, *flags: str) -> subproc
     argv = [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--output_dir", str(output_dir),
             "--train_file_pattern", str(data / "train_*.bin"), "--eval_file_pattern", str(data / "validation_*.bin"),
             *TINY_RUN, *flags]
-    result = subprocess.run(argv, env=env, cwd=output_dir.parent, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(argv, env=env, cwd=output_dir.parent, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{output_dir}/metrics.jsonl" in result.stdout  # says where its outputs went
     return result

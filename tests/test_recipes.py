@@ -34,7 +34,7 @@ def test_quickstart_makes_its_shards_and_trains_under_accelerate_launch_with_the
               f"print(AutoTokenizer.from_pretrained({str(main)!r})('Hello world')['input_ids'])\n"
               f"out = pipeline('text-generation', model={str(main)!r})('def main', max_new_tokens=4, do_sample=False)\n"
               f"print(repr(out[0]['generated_text']))\n")
-    generated = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    generated = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert generated.returncode == 0, generated.stderr[-3000:]
     ids, text = generated.stdout.strip().splitlines()[-2:]
     assert ids == "[15496, 995]"
@@ -51,7 +51,7 @@ def test_the_custom_gpt_recipe_trains_a_self_written_model(tmp_path):
                str(tmp_path / "train_*.bin"), "--output_dir", str(tmp_path / "run"), "--block_size", "16",
                "--train_batch_size", "8", "--per_device_train_batch_size", "8", "--max_train_steps", "4",
                "--log_every_steps", "1", "--report_to", "none", "--optim", "muon"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "train_loss" in r] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "main" / "model.safetensors").exists()

@@ -125,7 +125,7 @@ class LocalSlurm:
 
     def command(self, *words: str, check: bool = True, **kwargs) -> str:
         result = subprocess.run(words, env={**self.env, **kwargs.pop("env", {})}, capture_output=True, text=True,
-                                timeout=120, **kwargs)
+                                timeout=600, **kwargs)
         assert not check or result.returncode == 0, f"{shlex.join(words)}: {result.stderr}"
         return result.stdout
 

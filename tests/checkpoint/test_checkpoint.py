@@ -79,7 +79,7 @@ def kill_all(process: subprocess.Popen, signum: int) -> None:
     family = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
     for member in family:
         member.send_signal(signum)
-    psutil.wait_procs(family, timeout=60)
+    psutil.wait_procs(family, timeout=600)
     process.communicate()
 
 
@@ -379,7 +379,7 @@ def test_uploads_reach_a_local_target_and_the_token_is_never_written_or_printed(
     uploads = data / "uploads"
     process = launch(argv(data, data / "run", "--max_train_steps", "20", "--push_to_hub", "true", "--hub_target",
                           str(uploads), "--hub_model_id", "someone/tiny", "--hub_token", token))
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     assert token not in stdout and token not in stderr
     for path in [*(data / "run").rglob("*"), *uploads.rglob("*")]:
@@ -431,7 +431,7 @@ def launch_two_nodes(script: Path, logs: Path, *per_node_args: list[str]) -> lis
                 [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                  "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
                  *args], env=env, stdout=log, stderr=subprocess.STDOUT))
-    return [(node.wait(timeout=300), (logs / f"node{rank}.log").read_text()) for rank, node in enumerate(nodes)]
+    return [(node.wait(timeout=600), (logs / f"node{rank}.log").read_text()) for rank, node in enumerate(nodes)]
 
 
 def test_a_run_resumes_on_two_nodes_from_one_process_and_back_at_the_same_data_position(data):
@@ -474,7 +474,7 @@ def test_an_output_dir_that_one_node_cannot_see_is_refused_on_every_rank(tmp_pat
     nodes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "dcp_worker.py"), "shared",
                                str(tmp_path / f"node{rank}"), str(results)], env={**env, "RANK": str(rank)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
-    assert [node.wait(timeout=120) for node in nodes] == [0, 0]
+    assert [node.wait(timeout=600) for node in nodes] == [0, 0]
     for rank in (0, 1):
         message = (results / f"rank{rank}.txt").read_text()
         assert message.startswith(f"CheckpointError: --output_dir {tmp_path / f'node{rank}'} is not shared between "
@@ -621,7 +621,7 @@ def test_a_failed_export_of_main_leaves_no_half_folder_and_names_the_file(data, 
 def run_worker(*args: str, processes: int = 2) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     result = subprocess.run([*launcher, str(ROOT / "tests" / "workers" / "dcp_worker.py"), *args], env=WORKER_ENV,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -85,7 +85,7 @@ def launch(args: list[str], processes: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     result = subprocess.run([*launcher, str(ROOT / "tests" / "workers" / "dcp_worker.py"), *args], env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

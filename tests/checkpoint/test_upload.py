@@ -54,7 +54,7 @@ def test_each_checkpoint_lands_as_its_revision_and_the_local_copies_stay(tmp_pat
         for checkpoint in checkpoints:
             assert uploader.submit(checkpoint, checkpoint.name)
         assert uploader.submit(checkpoints[-1], "main", final=True)
-        failures = uploader.close(timeout=60)
+        failures = uploader.close(timeout=600)
     assert failures == [] and uploader.pending() == set()
     assert sorted(path.name for path in destination.iterdir()) == ["main", "step100", "step200", "step300"]
     originals[0].pop("half-written.tmp")
@@ -83,7 +83,7 @@ def test_submit_returns_while_the_upload_runs(tmp_path, checkpoints):
     assert uploader.is_pending(checkpoints[0]) and uploader.pending() == {checkpoints[0]}
     assert not (tmp_path / "uploads" / "step100").exists()
     gate.touch()
-    assert uploader.close(timeout=60) == []
+    assert uploader.close(timeout=600) == []
     assert not uploader.is_pending(checkpoints[0])
     assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
 
@@ -93,7 +93,7 @@ def test_failed_attempts_are_retried_with_backoff_and_logged_in_the_main_process
     attempts.mkdir()
     uploader = Uploader(FlakyTarget(tmp_path / "uploads", attempts, failures=2), attempts=4, backoff_seconds=0.01)
     uploader.submit(checkpoints[0], "step100")
-    assert uploader.close(timeout=60) == []
+    assert uploader.close(timeout=600) == []
     assert sorted(path.name for path in attempts.iterdir()) == ["step100.1", "step100.2", "step100.3"]
     assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
     warnings = [record.getMessage() for record in worker_records(caplog) if record.levelno == logging.WARNING]
@@ -118,7 +118,7 @@ def test_an_upload_that_always_fails_is_reported_at_close_and_the_local_folder_s
     original = contents(checkpoints[0])
     uploader = Uploader(FlakyTarget(tmp_path / "uploads", attempts, failures=99), attempts=3, backoff_seconds=0.01)
     uploader.submit(checkpoints[0], "step100")
-    [failure] = uploader.close(timeout=60)
+    [failure] = uploader.close(timeout=600)
     assert (failure.folder, failure.revision) == (checkpoints[0], "step100")
     assert failure.error == "ConnectionError: attempt 3: the network is down"
     assert len(list(attempts.iterdir())) == 3
@@ -141,7 +141,7 @@ def test_a_full_queue_skips_intermediate_checkpoints_but_the_final_one_waits(tmp
     with open_gate_when_logged(gate, "The upload queue is full; waiting for room"):
         assert uploader.submit(checkpoints[2], "main", final=True)
         assert not uploader.is_pending(checkpoints[0]) and (destination / "step100").is_dir()
-    assert uploader.close(timeout=60) == []
+    assert uploader.close(timeout=600) == []
     assert sorted(path.name for path in destination.iterdir()) == ["main", "step100"]
     assert contents(destination / "main") == contents(checkpoints[2])
 
@@ -153,7 +153,7 @@ def test_close_gives_a_pending_upload_its_timeout_to_finish(tmp_path, checkpoint
     wait_for_file(started)
     # The upload can finish only once close has begun to wait for it.
     with open_gate_when_logged(gate, "Waiting for 1 checkpoint upload(s) to finish"):
-        assert uploader.close(timeout=60) == []
+        assert uploader.close(timeout=600) == []
     assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
 
 
@@ -181,7 +181,7 @@ def test_the_upload_process_outlives_a_sigterm_sent_by_anyone_but_its_parent(tmp
         uploader.submit(checkpoints[0], "step100")
         wait_for_file(started)
         subprocess.run(["kill", "-TERM", str(uploader._process.pid)], check=True)  # as a launcher's killpg would
-        assert uploader.close(timeout=300) == []
+        assert uploader.close(timeout=600) == []
     assert contents(tmp_path / "uploads" / "step100") == contents(checkpoints[0])
 
 
@@ -192,11 +192,11 @@ def test_the_upload_process_ends_at_its_parents_sigterm(tmp_path, checkpoints):
     wait_for_file(started)
     try:
         uploader._process.terminate()  # what close does when its time is up, and multiprocessing at exit
-        uploader._process.join(timeout=60)
+        uploader._process.join(timeout=600)
         assert uploader._process.exitcode == -signal.SIGTERM
     finally:
         uploader._process.kill()  # else a process that ignored it would hang this one's exit, in multiprocessing's join
-    [failure] = uploader.close(timeout=60)
+    [failure] = uploader.close(timeout=600)
     assert failure.error == f"not finished: the upload process exited with code {-signal.SIGTERM}"
 
 
@@ -242,7 +242,7 @@ def test_the_token_appears_in_no_log_line_error_or_repr(tmp_path, checkpoints, c
     with caplog.at_level(logging.DEBUG):  # the worker logs everything, huggingface_hub's debug lines included
         uploader = Uploader(target, attempts=2, backoff_seconds=0.01)
         uploader.submit(checkpoints[0], "step100")
-        [failure] = uploader.close(timeout=60)
+        [failure] = uploader.close(timeout=600)
     assert f"Invalid credentials: Bearer {REDACTED}" in failure.error
     problems = [record.getMessage() for record in worker_records(caplog) if record.levelno >= logging.WARNING]
     assert len(problems) == 2 and all(f"Bearer {REDACTED}" in problem for problem in problems)
@@ -267,7 +267,7 @@ def test_uploads_to_the_real_hub(checkpoints):
         with Uploader(HubTarget(repo_id, private=True), backoff_seconds=1.0) as uploader:
             uploader.submit(checkpoints[0], "step100")
             uploader.submit(checkpoints[0], "main", final=True)
-            assert uploader.close(timeout=300) == []
+            assert uploader.close(timeout=600) == []
         assert {"main", "step100"} <= {branch.name for branch in api.list_repo_refs(repo_id).branches}
         for revision in ("main", "step100"):
             assert {"config.json", "model.safetensors"} <= set(api.list_repo_files(repo_id, revision=revision))

@@ -214,7 +214,7 @@ def test_two_real_processes_over_gloo_split_each_global_batch(token_shards, tmp_
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), pattern, str(tmp_path)],
-        check=True, env=env, timeout=120, capture_output=True,
+        check=True, env=env, timeout=600, capture_output=True,
     )
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(rank["world_size"] == 2 for rank in ranks)

@@ -85,7 +85,7 @@ def test_a_writer_killed_mid_write_leaves_no_shard_that_a_glob_finds(tmp_path):
     write_shard(tmp_path / "train_000000.bin", np.arange(10, dtype=np.uint32))
     root = Path(__file__).resolve().parents[2]
     killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "train_000001.bin")],
-                            env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+                            env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGXFSZ, killed.stderr
     [partial] = [path for path in tmp_path.iterdir() if path.name != "train_000000.bin"]
     assert 0 < partial.stat().st_size < HEADER_BYTES + 4 * 2**20  # the kill came mid-write

@@ -142,7 +142,7 @@ def run_recipe(argv: list[str], processes: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     result = subprocess.run([*launcher, str(ROOT / "recipes" / "gpt2_c4.py"), *argv], env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

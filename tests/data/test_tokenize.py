@@ -376,7 +376,7 @@ def test_help_lists_the_flags_from_both_entry_points():
     commands = [[sys.executable, "-m", "timl.data.tokenize", "--help"], [str(Path(sys.executable).with_name("timl")), "tokenize", "--help"]]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
     for process in processes:
-        out, err = process.communicate(timeout=120)
+        out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
         flags = [f"--{name}" for name in TokenizeArguments.__dataclass_fields__]
         assert [flag for flag in flags if flag not in out] == []

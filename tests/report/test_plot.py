@@ -119,7 +119,7 @@ def test_two_runs_in_one_figure_through_the_cli_with_an_mfu_panel(runs, tmp_path
 def test_python_dash_m_timl_plot_runs_in_a_fresh_process(runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "timl.report.plot", *map(str, runs), "--out", str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(tmp_path / name) for name in FIGURES]
     assert png_size(tmp_path / "loss.png") == expected_size(1, 100)  # the default dpi
@@ -155,7 +155,7 @@ def test_missing_matplotlib_says_how_to_install_it(runs, tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None; from timl.report.plot import main; "
             f"sys.exit(main([{str(runs[0])!r}, '--out', {str(tmp_path)!r}]))")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert "timl plot needs matplotlib: pip install 'timl[plot]'" in result.stderr
     assert not list(tmp_path.iterdir())

@@ -438,7 +438,7 @@ def test_muon_under_ddp_leaves_identical_weights_on_every_rank(data):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script), str(data), str(data / "out"), TINY_GPT2], env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (json.loads((data / "out" / f"weights_{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1

@@ -107,7 +107,7 @@ def test_under_torchrun_a_sigterm_lets_the_upload_finish_in_its_grace_period_and
         # As a scheduler stops the launcher: torchrun then sends SIGTERM to each worker's process group, which
         # holds the upload process too, and SIGKILL to the groups still alive 30 s later.
         os.killpg(launcher.pid, signal.SIGTERM)
-        launcher.wait(timeout=120)
+        launcher.wait(timeout=600)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
