@@ -57,13 +57,13 @@ def launch(args: list[str], processes: int = 1, **popen) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     _, stderr = process.communicate(timeout=timeout)
     assert process.returncode == 0, stderr[-3000:]
     return stderr
 
 
-def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -170,7 +170,7 @@ def test_a_kill_9_in_the_middle_of_a_save_leaves_latest_on_the_previous_checkpoi
     process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "dcp_worker.py"), "pause",
                                 *tiny_recipe(data, run)], env=WORKER_ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while not (run / "paused").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.05)

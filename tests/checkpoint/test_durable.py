@@ -42,7 +42,7 @@ def test_a_file_killed_mid_write_is_absent_or_whole(tmp_path):
                 file.write(previous)
         writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final), str(started)],
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         while not started.exists():
             assert writer.poll() is None and time.monotonic() < deadline, writer.communicate()[1]
             time.sleep(0.02)

@@ -325,7 +325,7 @@ def test_a_run_killed_mid_write_leaves_only_whole_shards_and_resumes(tmp_path, g
     process = subprocess.Popen(
         [sys.executable, str(script), str(marker), *as_argv(arguments(tmp_path))], env=environment, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marker.exists(), process.stderr.read().decode() if process.poll() is not None else "timed out"
