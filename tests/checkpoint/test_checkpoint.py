@@ -406,10 +406,12 @@ def test_a_resumed_run_continues_the_same_wandb_run(data, monkeypatch):
     run_id = json.loads((data / "run" / "step2" / "trainer_state.json").read_text())["tracker_run_ids"]["wandb"]
     pretrain(ModelArguments(config_overrides=TINY_GPT2),
              tiny_args(data, max_train_steps=4, report_to="wandb", resume_from_checkpoint="latest"))
-    # Two runs in the same second share a folder name, so count run ids, not folders.
-    runs = list((data / "run" / "wandb").glob("offline-run-*"))
-    assert runs and {path.name.rsplit("-", 1)[1] for path in runs} == {run_id}
-    assert (data / "run" / "wandb" / "latest-run").resolve().name.endswith(f"-{run_id}")
+    # Each run folder holds run-<id>.wandb. Folder names are no guide: W&B suffixes one started in the same
+    # second as another ("...-<id>-1").
+    wandb_dir = data / "run" / "wandb"
+    logs = list(wandb_dir.glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and {path.stem.removeprefix("run-") for path in logs} == {run_id}
+    assert (wandb_dir / "latest-run" / f"run-{run_id}.wandb").exists()
 
 
 def free_port() -> int:
