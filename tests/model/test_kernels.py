@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from architectures import tiny_config
+from architectures import tiny_config, tiny_model
 from conftest import TINY_GPT2, read_metrics, write_learnable_shards
 from timl.config import ModelArguments, TrainingArguments
 from timl.loss.cross_entropy import linear_cross_entropy
@@ -21,7 +21,7 @@ from timl.model.forward import TrainingLoss, head_loss
 from timl.model.build import build_config, build_model, pad_vocab
 from timl.model.forward import CausalLMForTraining
 from timl.model.head import Head
-from timl.model.kernels import convert_to_fp8, fp8_module_filter
+from timl.model.kernels import apply_liger, convert_to_fp8, fp8_module_filter
 from timl.train.pretrain import pretrain
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -157,6 +157,47 @@ def test_fp8_converts_exactly_the_chosen_layers_with_the_recipes_scaling(family,
     # A converted head tied to the input embedding must still train that one weight.
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == model.config.tie_word_embeddings
+
+
+@pytest.fixture
+def liger_patches_undone(monkeypatch):
+    """Liger patches the transformers modeling modules themselves (Llama's rotary function and classes); every
+    attribute of them is set back after the test, so later tests in this process build the stock model."""
+    from transformers.models.llama import modeling_llama
+
+    for name, value in list(vars(modeling_llama).items()):
+        monkeypatch.setattr(modeling_llama, name, value)
+
+
+@pytest.mark.parametrize(("kwargs", "patched"), [({}, "rope, rms_norm, swiglu"),
+                                                 ({"swiglu": False, "fused_linear_cross_entropy": True,
+                                                   "layer_norm": True}, "rope, rms_norm")])
+def test_liger_patches_the_modules_of_a_model_it_knows_and_never_its_loss(liger_patches_undone, kwargs, patched):
+    """Liger's own patch for the model type, with timl's loss kept: a fused loss asked for in the kwargs is dropped,
+    as is an argument the patch does not take. Only the patch is checked here: Liger's kernels need a GPU."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    model = tiny_model("llama")
+    stock_forward = type(model).forward
+    assert apply_liger(model, kwargs) == [f"liger for llama: {patched}"]
+    assert model.forward.__func__ is stock_forward  # the loss is still timl's, through the model's own forward
+    layer = model.model.layers[0]
+    assert layer.input_layernorm.forward.__func__ is LigerRMSNorm.forward
+    assert (layer.mlp._get_name() == "LigerSwiGLUMLP") == ("swiglu" in patched)
+
+
+def test_liger_layer_norm_replaces_gpt2s_only_when_asked_and_keeps_the_same_parameters():
+    model = tiny_model("gpt2")
+    assert apply_liger(model, {}) == [] and not any("Liger" in type(m).__name__ for m in model.modules())
+    before = {name: parameter for name, parameter in model.named_parameters()}
+    assert apply_liger(model, {"layer_norm": True}) == ["liger LayerNorm x5"]  # two per block, and the last one
+    norms = [name for name, module in model.named_modules() if type(module).__name__ == "LigerLayerNorm"]
+    assert norms == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2",
+                     "transformer.ln_f"]
+    # The very tensors: the optimizer, the checkpoint and the tied weights see no change.
+    assert all(parameter is before[name] for name, parameter in model.named_parameters())
+    assert set(dict(model.named_parameters())) == set(before)
+
 
 @cuda
 @pytest.mark.gpu
